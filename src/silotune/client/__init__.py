@@ -1,0 +1,5 @@
+"""The client (data owner) runtime."""
+
+from .runtime import SplitClient
+
+__all__ = ["SplitClient"]

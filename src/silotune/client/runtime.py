@@ -1,0 +1,94 @@
+"""The client runtime: a data owner's head and tail, its optimizer, and one split step.
+
+Tokens and labels never leave this object: only the head's output ``h1`` (optionally
+with Gaussian noise), per-sample lengths and the tail's gradient ``dL/dh2`` go to the
+server, through whatever transport the client was given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..adapters import load_trainable_state, trainable_state
+from ..errors import ProtocolError
+from ..models.partition import Stage
+from ..protocol.messages import Aggregation, Control, ForwardActivations, Gradients, ReturnedActivations
+from ..train.loss import lm_loss
+from ..train.optim import OptimSettings, Stepper, trainable
+from ..transport.base import Transport
+
+
+class SplitClient:
+    def __init__(self, client_id: int, head: Stage, tail: Stage, transport: Transport,
+                 optim: OptimSettings, noise_std: float = 0.0, seed: int = 0):
+        self.id = client_id
+        self.head, self.tail = head, tail
+        if getattr(head.config, "tie_word_embeddings", False):
+            tail.lm_head.weight = head.embed.weight  # one tensor, as in the unsplit model
+        self.transport = transport
+        self.stepper = Stepper(trainable(head, tail), optim)
+        self.noise_std = noise_std
+        self.noise_gen = torch.Generator().manual_seed(seed * 1000 + client_id)
+        self.step = 0
+        self.examples_seen = 0
+
+    # ---- one U-shaped split step ----
+    def _head(self, batch) -> torch.Tensor:
+        h1 = self.head(batch["input_ids"], batch["lengths"])
+        if self.noise_std:
+            h1 = h1 + torch.randn(h1.shape, generator=self.noise_gen) * self.noise_std
+        return h1
+
+    def _expect(self, reply, cls):
+        if not isinstance(reply, cls):
+            raise ProtocolError(f"client {self.id}: expected {cls.kind}, server sent {reply.kind}")
+        return reply
+
+    def train_step(self, batch) -> float:
+        self.step += 1
+        self.stepper.zero_grad()
+        h1 = self._head(batch)
+        reply = self._expect(self.transport.call(
+            ForwardActivations(self.id, self.step, hidden=h1.detach(), lengths=batch["lengths"])),
+            ReturnedActivations)
+        h2 = reply.hidden.detach().requires_grad_(True)
+        loss = lm_loss(self.tail(h2, batch["lengths"]), batch["labels"])
+        loss.backward()
+        reply = self._expect(self.transport.call(Gradients(self.id, self.step, grad=h2.grad)), Gradients)
+        if h1.requires_grad:
+            h1.backward(reply.grad.to(h1.dtype))
+        self.stepper.step()
+        self.examples_seen += batch["input_ids"].shape[0]
+        return loss.item()
+
+    @torch.no_grad()
+    def logits(self, batch) -> torch.Tensor:
+        """Split inference: the full model's logits for a batch, without training."""
+        h1 = self._head(batch)
+        reply = self._expect(self.transport.call(
+            ForwardActivations(self.id, self.step, hidden=h1, lengths=batch["lengths"], train=False)),
+            ReturnedActivations)
+        return self.tail(reply.hidden, batch["lengths"])
+
+    # ---- federated averaging of head and tail adapters ----
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        state = {f"head.{k}": v for k, v in trainable_state(self.head).items()}
+        state.update({f"tail.{k}": v for k, v in trainable_state(self.tail).items()})
+        return state
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        load_trainable_state(self.head, {k[5:]: v for k, v in state.items() if k.startswith("head.")})
+        load_trainable_state(self.tail, {k[5:]: v for k, v in state.items() if k.startswith("tail.")})
+
+    def push_update(self, round_: int, num_examples: int) -> None:
+        self._expect(self.transport.call(Aggregation(
+            self.id, self.step, tensors=self.adapter_state(), num_examples=num_examples, round=round_)), Control)
+
+    def pull_aggregate(self, round_: int) -> bool:
+        """Load the round's average if the server has it; False while it is not ready."""
+        reply = self.transport.call(Control(self.id, self.step, command="fetch_aggregate",
+                                            payload={"round": round_}))
+        if isinstance(reply, Control) and reply.command == "not_ready":
+            return False
+        self.load_adapter_state(self._expect(reply, Aggregation).tensors)
+        return True

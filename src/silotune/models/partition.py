@@ -1,0 +1,198 @@
+"""Cut a causal LM into stages and materialise only the weights a party owns.
+
+A ``Stage`` is a contiguous slice of the model: optionally the token embedding, the
+blocks ``[start, stop)``, optionally the final norm and LM head. The client head is
+``Stage(embed, blocks[:a])``, the server trunk ``Stage(blocks[a:N-c])``, the client tail
+``Stage(blocks[N-c:], norm, lm_head)``; the centralized baseline is the whole model as
+one stage. ``load_stage`` builds the model skeleton on the meta device, keeps the
+submodules of one stage and reads only their tensors from the safetensors files, so a
+server never holds the embedding or LM head and a client never holds the trunk.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from ..errors import ModelError
+from . import masks
+from .arch import ArchSpec, arch_for, num_layers, sliding_window
+
+PARTS = ("head", "trunk", "tail", "full")
+
+
+class PrefixKV:
+    """Per-layer prefix key/values, offered to HF attention layers through the cache API.
+
+    An attention layer calls ``update(k, v, layer_idx)`` on its ``past_key_values``; we
+    answer with the prefix prepended (P-tuning v2). Nothing is stored across calls.
+    """
+
+    def __init__(self, prefixes: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.prefixes = prefixes
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        if layer_idx not in self.prefixes:
+            return keys, values
+        pk, pv = self.prefixes[layer_idx]
+        batch = keys.shape[0]
+        pk = pk.unsqueeze(0).expand(batch, -1, -1, -1).to(keys.dtype)
+        pv = pv.unsqueeze(0).expand(batch, -1, -1, -1).to(values.dtype)
+        return torch.cat([pk, keys], dim=2), torch.cat([pv, values], dim=2)
+
+
+def _get(root: nn.Module, path: str | None) -> nn.Module | None:
+    return root.get_submodule(path) if path else None
+
+
+class Stage(nn.Module):
+    """A contiguous slice of a causal LM, run with masks rebuilt from lengths."""
+
+    def __init__(self, config, spec: ArchSpec, model: nn.Module, start: int, stop: int,
+                 with_embed: bool, with_head: bool):
+        super().__init__()
+        self.config, self.spec = config, spec
+        self.start, self.stop = start, stop
+        self.embed = _get(model, spec.embed) if with_embed else None
+        self.pos_embed = _get(model, spec.pos_embed) if with_embed else None
+        self.embed_dropout = _get(model, spec.embed_dropout) if with_embed else None
+        self.blocks = nn.ModuleList(list(_get(model, spec.blocks))[start:stop])
+        self.norm = _get(model, spec.final_norm) if with_head else None
+        self.lm_head = _get(model, spec.lm_head) if with_head else None
+        self.rotary = _get(model, spec.rotary) if spec.rotary and stop > start else None
+        self.prefix = None  # set by adapters.prefix for P-tuning v2
+
+    # ---- naming: local parameter names <-> names in the full model's state dict ----
+    def full_name(self, local: str) -> str:
+        head, _, rest = local.partition(".")
+        if head == "blocks":
+            idx, _, rest = rest.partition(".")
+            return f"{self.spec.blocks}.{self.start + int(idx)}.{rest}"
+        paths = {"embed": self.spec.embed, "pos_embed": self.spec.pos_embed,
+                 "norm": self.spec.final_norm, "lm_head": self.spec.lm_head,
+                 "rotary": self.spec.rotary}
+        if head in paths and paths[head]:
+            return f"{paths[head]}.{rest}"
+        return local
+
+    def layer_ids(self) -> range:
+        return range(self.start, self.stop)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """ids (B, T) if the stage owns the embedding, else hidden (B, T, H) -> hidden or logits."""
+        seq_len = x.shape[1]
+        pos = masks.positions(lengths, seq_len)
+        h = x
+        if self.embed is not None:
+            h = self.embed(x)
+            if self.pos_embed is not None:
+                h = h + self.pos_embed(pos)
+            if self.embed_dropout is not None:
+                h = self.embed_dropout(h)
+        if len(self.blocks):
+            h = self._run_blocks(h, lengths, pos)
+        if self.lm_head is not None:
+            h = self.lm_head(self.norm(h))
+        return h
+
+    def _run_blocks(self, h, lengths, pos):
+        cache = self.prefix.kv(h.dtype) if self.prefix is not None else None
+        kwargs = {}
+        if self.rotary is not None:
+            kwargs = {"position_ids": pos, "position_embeddings": self.rotary(h, pos)}
+        mask_cache: dict[tuple, torch.Tensor] = {}
+        for i, block in zip(self.layer_ids(), self.blocks):
+            key = (sliding_window(self.config, i), self.prefix.length_at(i) if self.prefix is not None else 0)
+            if key not in mask_cache:
+                mask_cache[key] = masks.additive_mask(lengths, h.shape[1], h.dtype, key[1], key[0])
+            out = block(h, attention_mask=mask_cache[key], past_key_values=cache, **kwargs)
+            h = out[0] if isinstance(out, tuple) else out
+        return h
+
+
+def part_range(config, part: str, a: int, c: int) -> tuple[int, int, bool, bool]:
+    """(start, stop, with_embed, with_head) for ``part`` with a head and c tail blocks."""
+    n = num_layers(config)
+    if part not in PARTS:
+        raise ModelError(f"unknown part {part!r}: expected one of {', '.join(PARTS)}")
+    if part != "full":
+        if a < 1 or c < 1:
+            raise ModelError(f"client blocks must be at least 1 on each side (got a={a}, c={c})")
+        if a + c >= n:
+            raise ModelError(
+                f"a + c = {a + c} leaves no trunk: the model has {n} blocks, so a + c must be at most {n - 1}")
+    return {"head": (0, a, True, False), "trunk": (a, n - c, False, False),
+            "tail": (n - c, n, False, True), "full": (0, n, True, True)}[part]
+
+
+def load_config(model_dir: str | Path):
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ModelError(f"{model_dir}: not a model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{model_dir}/config.json: cannot read model config ({exc})") from None
+    config._attn_implementation = "sdpa"
+    arch_for(config)
+    return config
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{model_dir}: no *.safetensors weights (export the model first)")
+    return files
+
+
+def build_stage(config, part: str, a: int = 1, c: int = 1) -> Stage:
+    """The stage skeleton on the meta device: no memory is allocated for weights."""
+    spec = arch_for(config)
+    start, stop, with_embed, with_head = part_range(config, part, a, c)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    return Stage(config, spec, skeleton, start, stop, with_embed, with_head)
+
+
+def load_stage(model_dir: str | Path, part: str, a: int = 1, c: int = 1,
+               dtype: torch.dtype = torch.float32) -> Stage:
+    """Materialise one stage with only its own weights read from disk."""
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    stage = build_stage(config, part, a, c)
+    stage.to_empty(device="cpu")
+    wanted = {stage.full_name(k): k for k in stage.state_dict()}
+    tied_head = getattr(config, "tie_word_embeddings", False) and stage.lm_head is not None
+    state: dict[str, torch.Tensor] = {}
+    for file in _weight_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in wanted:
+                    state[wanted[key]] = f.get_tensor(key)
+                if tied_head and key == f"{stage.spec.embed}.weight" and stage.embed is None:
+                    state["lm_head.weight"] = f.get_tensor(key)
+    if tied_head and stage.embed is not None:  # one tensor, as in the unsplit model
+        stage.lm_head.weight = stage.embed.weight
+        state.setdefault("lm_head.weight", state.get("embed.weight"))
+    missing = [k for k in stage.state_dict() if k not in state and not k.startswith("rotary.")]
+    if missing:
+        raise ModelError(f"{model_dir}: weights missing for {part}: {', '.join(missing[:5])}")
+    stage.load_state_dict(state, strict=False)
+    if stage.rotary is not None:  # non-persistent buffers: rebuild them for real
+        stage.rotary = type(stage.rotary)(config=config)
+    stage.to(dtype)
+    for p in stage.parameters():
+        p.requires_grad_(False)
+    return stage.eval()  # base-model dropout off: every party computes deterministically
+
+
+def stage_from_model(model: nn.Module, part: str, a: int = 1, c: int = 1) -> Stage:
+    """A stage sharing the weights of an already loaded full model (tests, centralized runs)."""
+    config = model.config
+    start, stop, with_embed, with_head = part_range(config, part, a, c)
+    return Stage(config, arch_for(config), model, start, stop, with_embed, with_head).eval()

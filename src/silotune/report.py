@@ -1,0 +1,141 @@
+"""The run folder: metrics JSON, a markdown report, a loss plot and the trained adapters.
+
+Every file is written atomically (temporary file, then rename), so an interrupted run
+never leaves a half-written artefact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save as st_save
+
+from .adapters import trainable_state
+from .config import RunConfig, to_dict
+
+
+def atomic_write(path: Path, data: bytes | str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def adapters_blob(stages, method: str) -> bytes:
+    """Trainable tensors of the given stages under their names in the full model."""
+    state = {}
+    for stage in stages:
+        state.update({stage.full_name(k): v.contiguous() for k, v in trainable_state(stage).items()})
+    return st_save(state, metadata={"format": "silotune-adapters", "method": method})
+
+
+def public(result: dict) -> dict:
+    """The JSON-able part of a result (drops live objects, keys starting with '_')."""
+    if isinstance(result, dict):
+        return {k: public(v) for k, v in result.items() if not str(k).startswith("_")}
+    if isinstance(result, list):
+        return [public(v) for v in result]
+    return result
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {platform.system()}"
+
+
+def score_line(metrics: dict) -> str:
+    if "accuracy" in metrics:
+        return f"accuracy {metrics['accuracy']:.4f}"
+    return " / ".join(f"{k} {metrics[k]:.4f}" for k in ("rouge1", "rouge2", "rougeL"))
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def markdown(cfg: RunConfig, r: dict) -> str:
+    fed, cen = r["federated"], r.get("centralized")
+    lines = [f"# SiloTune run: {r['task']} on {r['model']}", "",
+             f"- machine: {machine()}",
+             f"- split: {cfg.split.head_blocks} head block(s) + trunk + {cfg.split.tail_blocks} tail block(s); "
+             f"method {cfg.adapters.method} on {', '.join(cfg.adapters.parts)}",
+             f"- data: {r['train_examples']} train / {r['test_examples']} test examples, "
+             f"{cfg.federation.clients} clients, {cfg.data.partition} partition"
+             + (f" (alpha {cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""),
+             f"- budget: batch {cfg.train.batch_size}, {fed['rounds']} rounds of {cfg.federation.local_steps} "
+             f"local steps per client; seed {cfg.train.seed}", "",
+             "## Federated split vs centralized", "",
+             "| run | score | train examples | optimizer steps | train time |", "|---|---|---|---|---|",
+             f"| federated split ({cfg.federation.schedule}) | {score_line(fed['metrics'])} | {fed['examples']} | "
+             f"{fed['steps']} client steps | {fed['train_seconds']:.1f} s |"]
+    if cen:
+        lines.append(f"| centralized | {score_line(cen['metrics'])} | {cen['examples']} | {cen['steps']} | "
+                     f"{cen['train_seconds']:.1f} s |")
+        if "accuracy" in fed["metrics"]:
+            gap = 100 * (fed["metrics"]["accuracy"] - cen["metrics"]["accuracy"])
+            lines += ["", f"Federated minus centralized accuracy: {gap:+.2f} points."]
+    lines += ["", "## Per client", "",
+              "| client | examples | label counts | steps | final loss | bytes up | bytes down |",
+              "|---|---|---|---|---|---|---|"]
+    for c in fed["clients"]:
+        labels = ", ".join(f"{k}: {v}" for k, v in c["label_counts"].items())
+        lines.append(f"| {c['client']} | {c['examples']} | {labels} | {c['steps']} | {c['final_loss']:.4f} | "
+                     f"{_mb(c['bytes_up'])} | {_mb(c['bytes_down'])} |")
+    lines += ["", "## Wire", "",
+              f"Bytes that crossed the wire per client training step (up + down, {cfg.federation.wire_dtype}): "
+              f"{_mb(fed['bytes_per_step'])} (activations, gradients and the FedAvg traffic, which is spread "
+              "over the steps; evaluation traffic is not counted).", "",
+              "![loss curves](loss.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(r: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def smooth(xs, k=20):
+        return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    fed = r["federated"]["curve"]
+    ax.plot([(i + 1) * r["plan"]["centralized_steps"] / len(fed) for i in range(len(fed))], smooth(fed),
+            label="federated split (all clients)")
+    if "centralized" in r:
+        cen = r["centralized"]["curve"]
+        ax.plot(range(1, len(cen) + 1), smooth(cen), label="centralized")
+    ax.set_xlabel("training steps (same examples seen)")
+    ax.set_ylabel("train loss (moving average)")
+    ax.set_title(f"{r['task']}: training loss")
+    ax.legend()
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
+    os.close(fd)
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write_run(cfg: RunConfig, r: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    atomic_write(out / "metrics.json", json.dumps({**public(r), "machine": machine()}, indent=2))
+    atomic_write(out / "report.md", markdown(cfg, r))
+    plot(r, out / "loss.png")
+    server, clients = r["federated"]["_parties"]
+    atomic_write(out / "adapters" / "federated.safetensors",
+                 adapters_blob([clients[0].head, server.trunk, clients[0].tail], cfg.adapters.method))
+    if "centralized" in r:
+        atomic_write(out / "adapters" / "centralized.safetensors",
+                     adapters_blob([r["centralized"]["_model"]], cfg.adapters.method))

@@ -1,0 +1,88 @@
+"""The trunk server: runs the middle blocks for every client and trains its own adapters.
+
+It only ever sees a client's head output ``h1`` and the gradient ``dL/dh2`` it sends
+back, never tokens, labels, logits or the loss. It also hosts the federated average of
+the clients' adapters. One ``handle`` entry point serves every transport.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import ProtocolError
+from ..models.partition import Stage
+from ..protocol.messages import (Aggregation, Control, ForwardActivations, Gradients, Message,
+                                 ReturnedActivations)
+from ..train.optim import OptimSettings, Stepper, trainable
+from .aggregation import FedAvg
+
+log = logging.getLogger(__name__)
+
+
+class TrunkServer:
+    def __init__(self, trunk: Stage, n_clients: int, optim: OptimSettings):
+        self.trunk = trunk
+        self.hidden_size = trunk.config.hidden_size
+        self.n_clients = n_clients
+        self.stepper = Stepper(trainable(trunk), optim)
+        self.aggregator = FedAvg(n_clients)
+        self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.steps = 0
+
+    def handle(self, msg: Message) -> Message:
+        if not 0 <= msg.client < self.n_clients:
+            raise ProtocolError(f"message from unknown client {msg.client}")
+        if isinstance(msg, ForwardActivations):
+            return self._forward(msg)
+        if isinstance(msg, Gradients):
+            return self._backward(msg)
+        if isinstance(msg, Aggregation):
+            self.aggregator.submit(msg.client, msg.round, msg.tensors, msg.num_examples)
+            return Control(msg.client, msg.step, command="ack")
+        if isinstance(msg, Control) and msg.command == "fetch_aggregate":
+            round_ = int(msg.payload.get("round", -1))
+            result = self.aggregator.result(round_)
+            if result is None:
+                return Control(msg.client, msg.step, command="not_ready", payload={"round": round_})
+            return Aggregation(msg.client, msg.step, tensors=result, round=round_)
+        raise ProtocolError(f"client {msg.client}: unexpected {msg.kind} message")
+
+    def _check_activations(self, msg: ForwardActivations) -> None:
+        h, lengths = msg.hidden, msg.lengths
+        if h is None or h.ndim != 3 or h.shape[-1] != self.hidden_size:
+            raise ProtocolError(f"client {msg.client} step {msg.step}: activations must be (B, T, "
+                                f"{self.hidden_size}), got {tuple(h.shape) if h is not None else None}")
+        if lengths is None or lengths.shape != (h.shape[0],) or lengths.is_floating_point():
+            raise ProtocolError(f"client {msg.client} step {msg.step}: lengths must be ({h.shape[0]},) integers")
+        if int(lengths.min()) < 1 or int(lengths.max()) > h.shape[1]:
+            raise ProtocolError(f"client {msg.client} step {msg.step}: lengths outside 1..{h.shape[1]}")
+
+    def _forward(self, msg: ForwardActivations) -> ReturnedActivations:
+        self._check_activations(msg)
+        if not msg.train:
+            with torch.no_grad():
+                return ReturnedActivations(msg.client, msg.step, hidden=self.trunk(msg.hidden, msg.lengths))
+        h1 = msg.hidden.detach().requires_grad_(True)
+        h2 = self.trunk(h1, msg.lengths)
+        if msg.client in self.pending:
+            log.warning("client %d: dropping unfinished step %d", msg.client, self.pending[msg.client][0])
+        self.pending[msg.client] = (msg.step, h1, h2)
+        return ReturnedActivations(msg.client, msg.step, hidden=h2.detach())
+
+    def _backward(self, msg: Gradients) -> Gradients:
+        if msg.client not in self.pending:
+            raise ProtocolError(f"client {msg.client} step {msg.step}: gradients without a forward pass")
+        step, h1, h2 = self.pending[msg.client]
+        if step != msg.step:
+            raise ProtocolError(f"client {msg.client}: gradients for step {msg.step}, pending step is {step}")
+        if msg.grad is None or msg.grad.shape != h2.shape:
+            raise ProtocolError(f"client {msg.client} step {msg.step}: gradient shape "
+                                f"{None if msg.grad is None else tuple(msg.grad.shape)} != {tuple(h2.shape)}")
+        del self.pending[msg.client]
+        self.stepper.zero_grad()
+        h2.backward(msg.grad.to(h2.dtype))
+        self.stepper.step()
+        self.steps += 1
+        return Gradients(msg.client, msg.step, grad=h1.grad)

@@ -1,0 +1,1 @@
+"""Training pieces shared by all parties: optimizer settings and the loss."""

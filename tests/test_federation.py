@@ -1,0 +1,93 @@
+"""Federated averaging, the sequential schedule and determinism of whole runs."""
+
+import pytest
+import torch
+
+from silotune.adapters import AdapterSettings, LoraSettings
+from silotune.config import load_config
+from silotune.federation import SplitSettings, build_parties
+from silotune.server.aggregation import FedAvg, average
+from silotune.simulate import run
+from silotune.train.batching import collate
+from silotune.train.optim import OptimSettings
+
+
+def test_average_is_weighted_by_examples():
+    out = average([{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([3.0, 4.0])}], [1, 3])
+    assert torch.allclose(out["w"], torch.tensor([2.5, 3.0]))
+
+
+def test_fedavg_waits_for_every_client():
+    agg = FedAvg(2)
+    agg.submit(0, 0, {"w": torch.ones(2)}, 1)
+    assert agg.result(0) is None
+    agg.submit(1, 0, {"w": torch.zeros(2)}, 1)
+    assert torch.allclose(agg.result(0)["w"], torch.full((2,), 0.5))
+
+
+def test_clients_share_the_weighted_average_after_a_round(tiny_dirs):
+    server, clients = build_parties(tiny_dirs["llama"], SplitSettings(1, 1), AdapterSettings(lora=LoraSettings(r=2)),
+                                    OptimSettings(lr=1e-2), n_clients=3, seed=0)
+    g = torch.Generator().manual_seed(0)
+    for c in clients:
+        rows = [(torch.randint(3, 128, (6,), generator=g).tolist(), [-100] * 3 + [5, 6, 7]) for _ in range(2)]
+        c.train_step(collate(rows, 0))
+    states = [c.adapter_state() for c in clients]
+    assert any(not torch.equal(states[0][k], states[1][k]) for k in states[0])
+    for c, n in zip(clients, (1, 2, 3)):
+        c.push_update(0, n)
+    for c in clients:
+        assert c.pull_aggregate(0)
+    expect = average(states, [1, 2, 3])
+    for c in clients:
+        for k, v in c.adapter_state().items():
+            assert torch.allclose(v, expect[k], atol=1e-7)
+    assert server.steps == 3
+
+
+def tiny_cfg(model_dir, out, **extra):
+    overrides = [f"model={model_dir}", f"output={out}", "data.max_train=48", "data.max_test=16",
+                 "data.max_length=48", "train.steps=8", "train.batch_size=4", "train.eval_batch_size=16",
+                 "federation.clients=2", "federation.local_steps=2", "split.head_blocks=1",
+                 "split.tail_blocks=1", "optim.lr=5e-3"]
+    return load_config(None, overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def test_runs_are_deterministic_for_a_seed(tiny_chat_dir, tmp_path):
+    a = run(tiny_cfg(tiny_chat_dir, tmp_path / "a"), progress=False)
+    b = run(tiny_cfg(tiny_chat_dir, tmp_path / "b"), progress=False)
+    assert a["federated"]["curve"] == b["federated"]["curve"]
+    assert a["centralized"]["curve"] == b["centralized"]["curve"]
+    assert (tmp_path / "a/adapters/federated.safetensors").read_bytes() == \
+        (tmp_path / "b/adapters/federated.safetensors").read_bytes()
+    c = run(tiny_cfg(tiny_chat_dir, tmp_path / "c", **{"train.seed": 1}), progress=False)
+    assert c["federated"]["curve"] != a["federated"]["curve"]
+
+
+def test_same_examples_on_both_sides_and_sequential_steps(tiny_chat_dir, tmp_path):
+    r = run(tiny_cfg(tiny_chat_dir, tmp_path / "r", **{"train.steps": 7}), progress=False)
+    fed, cen = r["federated"], r["centralized"]
+    assert fed["examples"] == cen["examples"] == 8 * 4  # 7 steps rounded up to 4 per client
+    server, clients = fed["_parties"]
+    assert server.steps == fed["steps"] == sum(c["steps"] for c in fed["clients"])
+
+
+@pytest.mark.parametrize("method,parts", [("prefix", "[head,trunk,tail]"), ("lora", "[head,tail]")])
+def test_methods_and_frozen_trunk_run(tiny_chat_dir, tmp_path, method, parts):
+    r = run(tiny_cfg(tiny_chat_dir, tmp_path / "m", **{"adapters.method": method, "adapters.parts": parts,
+                                                       "adapters.prefix.length": 4}), progress=False)
+    server, _ = r["federated"]["_parties"]
+    trunk_trainable = [p for p in server.trunk.parameters() if p.requires_grad]
+    assert bool(trunk_trainable) == ("trunk" in parts)
+    assert all(torch.isfinite(torch.tensor(r["federated"]["curve"])))
+
+
+def test_dirichlet_partition_skews_clients(tiny_chat_dir, tmp_path):
+    r = run(tiny_cfg(tiny_chat_dir, tmp_path / "d", **{"data.partition": "dirichlet", "data.alpha": 0.1,
+                                                       "centralized": False, "data.max_train": 200}),
+            progress=False)
+    shares = []
+    for c in r["federated"]["clients"]:
+        counts = c["label_counts"]
+        shares.append(counts.get("1", 0) / c["examples"])
+    assert max(shares) - min(shares) > 0.2
