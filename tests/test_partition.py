@@ -85,3 +85,16 @@ def test_smollm2_split_logits_equal_unsplit(smollm2_dir):
         expect = ref(input_ids=ids, attention_mask=(torch.arange(6)[None] < lengths[:, None]).long()).logits
     assert torch.allclose(out[0], expect[0], atol=1e-4)
     assert torch.allclose(out[1, :3], expect[1, :3], atol=1e-4)
+
+
+def test_gguf_file_exports_once_to_safetensors(tmp_path, monkeypatch, smollm2_dir):
+    from silotune.models.loading import default_gguf
+
+    monkeypatch.setenv("SILOTUNE_CACHE", str(tmp_path))
+    out = resolve_model(default_gguf())
+    assert out.parent == tmp_path / "models" and (out / "model.safetensors").is_file()
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model(default_gguf()) == out and (out / "model.safetensors").stat().st_mtime_ns == stamp
+    head = load_stage(out, "head", 1, 1)
+    ref = load_stage(smollm2_dir, "head", 1, 1)
+    assert torch.equal(head.embed.weight, ref.embed.weight)

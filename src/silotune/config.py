@@ -43,7 +43,7 @@ class FederationSettings:
 
 @dataclass
 class TrainSettings:
-    steps: int = 400  # optimizer steps of the centralized run; the federation spends the same examples
+    steps: int = 240  # optimizer steps of the centralized run; the federation spends the same examples
     batch_size: int = 8
     seed: int = 0
     eval_batch_size: int = 32
