@@ -72,8 +72,8 @@ def write_markdown(results: dict, path: Path) -> None:
         cen_txt = f"{cen:.4f}" if cen is not None else (f"({cen_used:.4f}, from the IID run)" if cen_used else "—")
         lines.append(f"| {name} | {r['task']} | {partition} | {fed:.4f} | {cen_txt} | {gap} | "
                      f"{r['federated']['examples']} | {r['federated']['bytes_per_step'] / 1e6:.2f} MB |")
-    lines += ["", f"Test sets: {', '.join(f'{k}: {v['test_examples']}' for k, v in results.items())} held-out "
-              "examples (fixed-seed split).", ""]
+    sizes = ", ".join(f"{k}: {v['test_examples']}" for k, v in results.items())
+    lines += ["", f"Test sets: {sizes} held-out examples (fixed-seed split).", ""]
     path.write_text("\n".join(lines))
     print(f"wrote {path}")
 

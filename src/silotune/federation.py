@@ -35,10 +35,11 @@ def _layers(stage, adapters: AdapterSettings, split: SplitSettings) -> set[int]:
 
 
 def build_server(model_dir: Path, split: SplitSettings, adapters: AdapterSettings,
-                 optim: OptimSettings, n_clients: int, seed: int) -> TrunkServer:
+                 optim: OptimSettings, n_clients: int, seed: int,
+                 client_timeout: float | None = None) -> TrunkServer:
     trunk = load_stage(model_dir, "trunk", split.head_blocks, split.tail_blocks)
     apply_method(trunk, adapters, seed, _layers(trunk, adapters, split))
-    return TrunkServer(trunk, n_clients, optim)
+    return TrunkServer(trunk, n_clients, optim, client_timeout)
 
 
 def build_client_parts(model_dir: Path, split: SplitSettings, adapters: AdapterSettings, seed: int):
@@ -53,8 +54,9 @@ def build_client_parts(model_dir: Path, split: SplitSettings, adapters: AdapterS
 def build_parties(model_dir: Path, split: SplitSettings, adapters: AdapterSettings, optim: OptimSettings,
                   n_clients: int, seed: int = 0, wire_dtype: torch.dtype = torch.float32,
                   noise_std: float = 0.0,
-                  connect: Callable[[TrunkServer], Transport] | None = None) -> tuple[TrunkServer, list[SplitClient]]:
-    server = build_server(model_dir, split, adapters, optim, n_clients, seed)
+                  connect: Callable[[TrunkServer], Transport] | None = None,
+                  client_timeout: float | None = None) -> tuple[TrunkServer, list[SplitClient]]:
+    server = build_server(model_dir, split, adapters, optim, n_clients, seed, client_timeout)
     connect = connect or (lambda s: InProcessTransport(s, wire_dtype))
     head, tail = build_client_parts(model_dir, split, adapters, seed)
     clients = []

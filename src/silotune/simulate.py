@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .adapters import apply_method, trained_layers
 from .config import RunConfig
+from .errors import ConfigError
 from .data import load_task, partition_dirichlet, partition_iid
 from .eval.loop import evaluate
 from .federation import build_parties
@@ -130,8 +131,11 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
 
     model_dir = resolve_model(cfg.model)
     tok = load_tokenizer(model_dir)
-    task = load_task(cfg.data.task, seed=cfg.train.seed, max_train=cfg.data.max_train,
-                     max_test=cfg.data.max_test, choices=cfg.data.choices)
+    try:
+        task = load_task(cfg.data.task, seed=cfg.train.seed, max_train=cfg.data.max_train,
+                         max_test=cfg.data.max_test, choices=cfg.data.choices)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from None
     add_eos = task.spec.kind == "generation"
     rows = [encode_example(tok, e, cfg.data.max_length, add_eos) for e in task.train]
     parts = shards(cfg, task.train)

@@ -8,6 +8,7 @@ the clients' adapters. One ``handle`` entry point serves every transport.
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -17,13 +18,16 @@ from ..protocol.messages import (Aggregation, Control, ForwardActivations, Gradi
                                  ReturnedActivations)
 from ..train.optim import OptimSettings, Stepper, trainable
 from .aggregation import FedAvg
+from .schedules import Sequential
 
 log = logging.getLogger(__name__)
 
 
 class TrunkServer:
-    def __init__(self, trunk: Stage, n_clients: int, optim: OptimSettings):
+    def __init__(self, trunk: Stage, n_clients: int, optim: OptimSettings, client_timeout: float | None = None):
         self.trunk = trunk
+        self.schedule = Sequential(n_clients, client_timeout, on_drop=self._drop_pending)
+        self.lock = threading.RLock()  # one trunk: transports may call from many threads
         self.hidden_size = trunk.config.hidden_size
         self.n_clients = n_clients
         self.stepper = Stepper(trainable(trunk), optim)
@@ -35,9 +39,25 @@ class TrunkServer:
         if not 0 <= msg.client < self.n_clients:
             raise ProtocolError(f"message from unknown client {msg.client}")
         if isinstance(msg, ForwardActivations):
-            return self._forward(msg)
+            self._check_activations(msg)
+            if msg.train:
+                self.schedule.wait_turn(msg.client)
+            with self.lock:
+                return self._forward(msg)
         if isinstance(msg, Gradients):
-            return self._backward(msg)
+            with self.lock:
+                reply = self._backward(msg)
+            self.schedule.done(msg.client)
+            return reply
+        with self.lock:
+            return self._control(msg)
+
+    def _drop_pending(self, client: int) -> None:
+        with self.lock:
+            if self.pending.pop(client, None) is not None:
+                log.warning("client %d: pending step dropped", client)
+
+    def _control(self, msg: Message) -> Message:
         if isinstance(msg, Aggregation):
             self.aggregator.submit(msg.client, msg.round, msg.tensors, msg.num_examples)
             return Control(msg.client, msg.step, command="ack")
@@ -60,7 +80,6 @@ class TrunkServer:
             raise ProtocolError(f"client {msg.client} step {msg.step}: lengths outside 1..{h.shape[1]}")
 
     def _forward(self, msg: ForwardActivations) -> ReturnedActivations:
-        self._check_activations(msg)
         if not msg.train:
             with torch.no_grad():
                 return ReturnedActivations(msg.client, msg.step, hidden=self.trunk(msg.hidden, msg.lengths))

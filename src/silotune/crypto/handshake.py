@@ -1,0 +1,98 @@
+"""Authenticated key exchange that gives every client session its own keys.
+
+Ephemeral X25519 on both sides, each hello signed by the sender's long-term Ed25519
+identity (the client's enrolled on the server, the server's pinned by the client), and
+HKDF-SHA256 over the shared secret, salted with the transcript hash, yielding one AEAD
+key per direction. A peer client never learns another client's keys: they derive from
+ephemeral secrets it does not hold.
+
+    client -> server: ClientHello(client_id, eph_c, nonce_c, sig_c)
+    server -> client: ServerHello(session_id, eph_s, nonce_s, sig_s over the transcript)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .identity import CryptoError, Identity, verify
+
+LABEL = b"silotune-handshake-v1"
+
+
+def _raw(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass
+class ClientHello:
+    client_id: int
+    ephemeral: bytes
+    nonce: bytes
+    signature: bytes = b""
+
+    def signed_part(self) -> bytes:
+        return LABEL + b"|client|" + struct.pack(">Q", self.client_id) + self.ephemeral + self.nonce
+
+
+@dataclass
+class ServerHello:
+    session_id: bytes
+    ephemeral: bytes
+    nonce: bytes
+    signature: bytes = b""
+
+    def signed_part(self, hello: ClientHello) -> bytes:
+        return hello.signed_part() + hello.signature + b"|server|" + self.session_id + self.ephemeral + self.nonce
+
+
+@dataclass
+class SessionKeys:
+    client_id: int
+    session_id: bytes
+    client_to_server: bytes
+    server_to_client: bytes
+
+
+def _derive(secret: bytes, transcript: bytes, client_id: int, session_id: bytes) -> SessionKeys:
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=hashlib.sha256(transcript).digest(),
+               info=LABEL + b"|keys").derive(secret)
+    return SessionKeys(client_id, session_id, okm[:32], okm[32:])
+
+
+class ClientHandshake:
+    def __init__(self, client_id: int, identity: Identity, server_public: bytes):
+        self.identity, self.server_public = identity, server_public
+        self.ephemeral = X25519PrivateKey.generate()
+        self.hello = ClientHello(client_id, _raw(self.ephemeral), os.urandom(16))
+        self.hello.signature = identity.sign(self.hello.signed_part())
+
+    def finish(self, reply: ServerHello) -> SessionKeys:
+        transcript = reply.signed_part(self.hello)
+        if not verify(self.server_public, reply.signature, transcript):
+            raise CryptoError("server hello: bad signature (not the pinned server identity)")
+        secret = self.ephemeral.exchange(X25519PublicKey.from_public_bytes(reply.ephemeral))
+        return _derive(secret, transcript + reply.signature, self.hello.client_id, reply.session_id)
+
+
+def server_accept(hello: ClientHello, identity: Identity, enrolled: dict[int, bytes]) -> tuple[ServerHello, SessionKeys]:
+    """Check a client hello against the enrollment list and answer it; CryptoError if it fails."""
+    public = enrolled.get(hello.client_id)
+    if public is None:
+        raise CryptoError(f"handshake from unknown client {hello.client_id}")
+    if not verify(public, hello.signature, hello.signed_part()):
+        raise CryptoError(f"handshake from client {hello.client_id}: bad signature")
+    if len(hello.ephemeral) != 32 or len(hello.nonce) != 16:
+        raise CryptoError(f"handshake from client {hello.client_id}: malformed hello")
+    ephemeral = X25519PrivateKey.generate()
+    reply = ServerHello(os.urandom(16), _raw(ephemeral), os.urandom(16))
+    transcript = reply.signed_part(hello)
+    reply.signature = identity.sign(transcript)
+    secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(hello.ephemeral))
+    return reply, _derive(secret, transcript + reply.signature, hello.client_id, reply.session_id)
