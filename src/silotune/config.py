@@ -51,6 +51,15 @@ class TrainSettings:
 
 
 @dataclass
+class DeploySettings:
+    address: str = "127.0.0.1:50051"  # where the server listens and clients connect
+    keys: str = "keys"  # folder written by 'silotune keys'
+    tls: bool = True
+    client_timeout: float = 120.0  # seconds a client may hold its turn before it is dropped
+    poll_seconds: float = 0.05  # how often a client asks whether the round's average is ready
+
+
+@dataclass
 class RunConfig:
     model: str = "smollm2"
     split: SplitSettings = field(default_factory=SplitSettings)
@@ -59,6 +68,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    deploy: DeploySettings = field(default_factory=DeploySettings)
     centralized: bool = True
     output: str = "runs/latest"
 

@@ -22,6 +22,7 @@ from .config import RunConfig
 from .errors import ConfigError
 from .data import load_task, partition_dirichlet, partition_iid
 from .eval.loop import evaluate
+from .client.loop import client_run
 from .federation import build_parties
 from .models.loading import load_tokenizer, resolve_model
 from .models.partition import load_stage
@@ -58,29 +59,27 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
     streams = [BatchStream([rows[i] for i in idx], cfg.train.batch_size, tok.pad_token_id, seed + 1 + k)
                for k, idx in enumerate(parts)]
     curve, client_losses = [], [[] for _ in clients]
-    done = {c.id: 0 for c in clients}
     start = time.perf_counter()
     bar = tqdm(total=plan["centralized_steps"], desc="federated", disable=not progress, unit="step")
-    for round_ in range(plan["rounds"]):
-        for _ in range(cfg.federation.local_steps):
-            for client, stream in zip(clients, streams):  # sequential schedule: one client step at a time
-                if done[client.id] >= plan["steps_per_client"]:
-                    continue
-                loss = client.train_step(next(stream))
-                done[client.id] += 1
-                client_losses[client.id].append(loss)
-                curve.append(loss)
+    runs = {c.id: client_run(c, stream, plan["steps_per_client"], cfg.federation.local_steps, len(idx))
+            for c, stream, idx in zip(clients, streams, parts)}
+    while runs:  # round-robin: the sequential schedule, one client step at a time
+        for cid in list(runs):
+            try:
+                event, value = next(runs[cid])
+            except StopIteration:
+                del runs[cid]
+                continue
+            if event == "step":
+                client_losses[cid].append(value)
+                curve.append(value)
                 bar.update(1)
-                bar.set_postfix(round=round_, loss=f"{loss:.3f}")
-        for client, idx in zip(clients, parts):
-            client.push_update(round_, len(idx))
-        for client in clients:
-            if not client.pull_aggregate(round_):
-                raise RuntimeError(f"round {round_}: aggregate not ready after every client submitted")
+                bar.set_postfix(client=cid, loss=f"{value:.3f}")
     bar.close()
     train_time = time.perf_counter() - start
     wire = [dict(up=c.transport.stats.bytes_up, down=c.transport.stats.bytes_down,
                  messages=c.transport.stats.messages) for c in clients]
+    done = {c.id: len(losses) for c, losses in zip(clients, client_losses)}
     total_steps = sum(done.values())
     metrics = evaluate(clients[0].logits, tok, task, cfg.data.max_length, cfg.train.eval_batch_size,
                        cfg.train.max_new_tokens)
@@ -125,12 +124,8 @@ def run_centralized(cfg: RunConfig, model_dir: Path, tok, task, rows, plan, prog
             "_model": model}
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict:
-    """Run the federation (and the centralized baseline) and write the run folder."""
-    from .report import write_run
-
-    model_dir = resolve_model(cfg.model)
-    tok = load_tokenizer(model_dir)
+def prepare_data(cfg: RunConfig, tok):
+    """(task, encoded training rows, client shards): identical in every process for a config."""
     try:
         task = load_task(cfg.data.task, seed=cfg.train.seed, max_train=cfg.data.max_train,
                          max_test=cfg.data.max_test, choices=cfg.data.choices)
@@ -138,7 +133,16 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
         raise ConfigError(f"data: {exc}") from None
     add_eos = task.spec.kind == "generation"
     rows = [encode_example(tok, e, cfg.data.max_length, add_eos) for e in task.train]
-    parts = shards(cfg, task.train)
+    return task, rows, shards(cfg, task.train)
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict:
+    """Run the federation (and the centralized baseline) and write the run folder."""
+    from .report import write_run
+
+    model_dir = resolve_model(cfg.model)
+    tok = load_tokenizer(model_dir)
+    task, rows, parts = prepare_data(cfg, tok)
     plan = budget(cfg)
     log.info("task %s: %d train / %d test examples; %d clients; %s", task.spec.name, len(task.train),
              len(task.test), cfg.federation.clients, plan)

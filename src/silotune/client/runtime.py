@@ -84,6 +84,10 @@ class SplitClient:
         self._expect(self.transport.call(Aggregation(
             self.id, self.step, tensors=self.adapter_state(), num_examples=num_examples, round=round_)), Control)
 
+    def finish(self) -> None:
+        """Tell the server this client has finished training."""
+        self._expect(self.transport.call(Control(self.id, self.step, command="bye")), Control)
+
     def pull_aggregate(self, round_: int) -> bool:
         """Load the round's average if the server has it; False while it is not ready."""
         reply = self.transport.call(Control(self.id, self.step, command="fetch_aggregate",

@@ -74,6 +74,14 @@ class Sequential:
                 self._advance()
             self.cond.notify_all()
 
+    def leave(self, client: int) -> None:
+        """``client`` has finished training: take it out of the rotation quietly."""
+        with self.cond:
+            self.active.discard(client)
+            if self.turn == client:
+                self._advance()
+            self.cond.notify_all()
+
     def drop(self, client: int, why: str) -> None:
         with self.cond:
             self._drop_locked(client, why)

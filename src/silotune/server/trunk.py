@@ -34,6 +34,8 @@ class TrunkServer:
         self.aggregator = FedAvg(n_clients)
         self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
+        self.finished_clients: set[int] = set()
+        self.finished = threading.Event()  # set once every client has said goodbye
 
     def handle(self, msg: Message) -> Message:
         if not 0 <= msg.client < self.n_clients:
@@ -67,6 +69,12 @@ class TrunkServer:
             if result is None:
                 return Control(msg.client, msg.step, command="not_ready", payload={"round": round_})
             return Aggregation(msg.client, msg.step, tensors=result, round=round_)
+        if isinstance(msg, Control) and msg.command == "bye":
+            self.finished_clients.add(msg.client)
+            self.schedule.leave(msg.client)
+            if len(self.finished_clients) == self.n_clients:
+                self.finished.set()
+            return Control(msg.client, msg.step, command="ack")
         raise ProtocolError(f"client {msg.client}: unexpected {msg.kind} message")
 
     def _check_activations(self, msg: ForwardActivations) -> None:

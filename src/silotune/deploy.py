@@ -1,0 +1,129 @@
+"""Real deployments: key material, the trunk server process and a client process over gRPC.
+
+``silotune keys`` writes everything a deployment needs into one folder:
+
+    server/identity.pem  server/tls.key  server/tls.crt  server/enrolled.json   (stay on the server)
+    clients/client-K.pem                                                     (one per data owner)
+    ca.crt  server.pub                                         (public: every client gets these)
+
+The server and the clients run the same runtimes as the simulation (``federation.py``,
+``client/loop.py``); only the transport is gRPC instead of in-process.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from .client.loop import client_run
+from .client.runtime import SplitClient
+from .config import RunConfig
+from .crypto import Identity, load_enrollment, save_enrollment
+from .crypto.certs import make_tls
+from .crypto.identity import CryptoError
+from .federation import build_client_parts, build_server
+from .models.loading import load_tokenizer, resolve_model
+from .protocol.codec import wire_dtype
+from .report import adapters_blob, atomic_write
+from .train.batching import BatchStream, encode_example
+
+log = logging.getLogger(__name__)
+
+
+def make_keys(out: str | Path, n_clients: int, hosts: list[str]) -> Path:
+    out = Path(out)
+    server = Identity.generate()
+    server.save(out / "server" / "identity.pem")
+    clients = {}
+    for k in range(n_clients):
+        ident = Identity.generate()
+        ident.save(out / "clients" / f"client-{k}.pem")
+        clients[k] = ident.public
+    save_enrollment(out / "server" / "enrolled.json", clients)
+    tls = make_tls(hosts)
+    atomic_write(out / "server" / "tls.crt", tls["server.crt"])
+    atomic_write(out / "server" / "tls.key", tls["server.key"])
+    (out / "server" / "tls.key").chmod(0o600)
+    atomic_write(out / "ca.crt", tls["ca.crt"])
+    atomic_write(out / "server.pub", server.public.hex() + "\n")
+    return out
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise CryptoError(f"{path} not found (create the deployment keys with 'silotune keys')") from None
+
+
+def server_public(keys: Path) -> bytes:
+    text = _read(keys / "server.pub").decode().strip()
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise CryptoError(f"{keys / 'server.pub'}: not a hex public key") from None
+
+
+def serve(cfg: RunConfig, address: str | None = None, ready: threading.Event | None = None) -> Path:
+    """Run the trunk server until every client has finished; returns the trunk adapters' path."""
+    from .transport.grpc_server import SiloTuneServicer, start_server
+
+    keys = Path(cfg.deploy.keys)
+    identity = Identity.load(keys / "server" / "identity.pem")
+    enrolled = load_enrollment(keys / "server" / "enrolled.json")
+    model_dir = resolve_model(cfg.model)
+    trunk = build_server(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients, cfg.train.seed,
+                         cfg.deploy.client_timeout)
+    servicer = SiloTuneServicer(trunk, identity, enrolled, wire_dtype(cfg.federation.wire_dtype))
+    tls = (_read(keys / "server" / "tls.crt"), _read(keys / "server" / "tls.key")) if cfg.deploy.tls else None
+    server, port = start_server(servicer, address or cfg.deploy.address, tls)
+    print(f"silotune server listening on port {port} ({'TLS + ' if tls else ''}AEAD), "
+          f"waiting for {cfg.federation.clients} clients", flush=True)
+    if ready is not None:
+        ready.set()
+    try:
+        trunk.finished.wait()
+    finally:
+        server.stop(grace=2)
+    out = Path(cfg.output) / "server" / "trunk.safetensors"
+    atomic_write(out, adapters_blob([trunk.trunk], cfg.adapters.method))
+    print(f"all clients finished; {trunk.steps} trunk steps; rejected: {dict(servicer.rejected) or 'none'}")
+    return out
+
+
+def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Path:
+    """Train one data owner's head and tail against a remote trunk server; returns its adapters' path."""
+    from .simulate import budget, prepare_data
+    from .transport.grpc_client import GrpcTransport
+
+    keys = Path(cfg.deploy.keys)
+    if not 0 <= client_id < cfg.federation.clients:
+        raise CryptoError(f"client id {client_id} outside 0..{cfg.federation.clients - 1}")
+    identity = Identity.load(keys / "clients" / f"client-{client_id}.pem")
+    model_dir = resolve_model(cfg.model)
+    tok = load_tokenizer(model_dir)
+    task, rows, parts = prepare_data(cfg, tok)
+    idx = parts[client_id]
+    head, tail = build_client_parts(model_dir, cfg.split, cfg.adapters, cfg.train.seed)
+    address = server or cfg.deploy.address
+    transport = GrpcTransport(address, client_id, identity, server_public(keys),
+                              tls_root=_read(keys / "ca.crt") if cfg.deploy.tls else None,
+                              wire_dtype=wire_dtype(cfg.federation.wire_dtype))
+    client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.federation.noise_std, cfg.train.seed)
+    stream = BatchStream([rows[i] for i in idx], cfg.train.batch_size, tok.pad_token_id,
+                         cfg.train.seed + 1 + client_id)
+    plan = budget(cfg)
+    for event, value in client_run(client, stream, plan["steps_per_client"], cfg.federation.local_steps, len(idx)):
+        if event == "step":
+            log.info("client %d step %d loss %.4f", client_id, client.step, value)
+        elif event == "wait":
+            time.sleep(cfg.deploy.poll_seconds)
+    client.finish()
+    out = Path(cfg.output) / f"client-{client_id}" / "adapters.safetensors"
+    atomic_write(out, adapters_blob([client.head, client.tail], cfg.adapters.method))
+    print(f"client {client_id}: {client.step} steps, {transport.stats.total / 1e6:.1f} MB on the wire; "
+          f"adapters in {out}")
+    transport.close()
+    return out

@@ -1,0 +1,81 @@
+"""Real processes over loopback: one server and three clients train exactly like the simulation."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from silotune.config import load_config
+from silotune.deploy import make_keys
+from silotune.simulate import run
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "silotune.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_listening(proc, timeout=120):
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        line = proc.stdout.readline()
+        if "listening" in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"server did not start: {proc.stdout.read()}")
+
+
+@pytest.fixture
+def deployment(tmp_path, tiny_chat_dir):
+    keys = make_keys(tmp_path / "keys", 3, ["localhost", "127.0.0.1"])
+    port = free_port()
+    cfg = {"model": str(tiny_chat_dir), "split": {"head_blocks": 1, "tail_blocks": 1},
+           "adapters": {"lora": {"r": 4}}, "optim": {"lr": 5.0e-3},
+           "data": {"max_train": 48, "max_test": 8, "max_length": 48},
+           "federation": {"clients": 3, "local_steps": 2, "wire_dtype": "fp32"},
+           "train": {"steps": 12, "batch_size": 4},
+           "deploy": {"keys": str(keys), "address": f"127.0.0.1:{port}", "client_timeout": 60.0},
+           "output": str(tmp_path / "net")}
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, port
+
+
+def test_three_client_processes_equal_the_simulation(deployment, tmp_path):
+    path, port = deployment
+    server = cli("server", "--config", str(path))
+    try:
+        wait_listening(server)
+        clients = [cli("client", "--config", str(path), "--id", str(k), "--server", f"localhost:{port}")
+                   for k in range(3)]
+        for c in clients:
+            out, _ = c.communicate(timeout=300)
+            assert c.returncode == 0, out
+        out, _ = server.communicate(timeout=60)
+        assert server.returncode == 0, out
+        assert "rejected: none" in out
+    finally:
+        server.kill()
+    sim = run(load_config(path, [f"output={tmp_path / 'sim'}", "centralized=false"]), progress=False)
+    expected = load_file(tmp_path / "sim/adapters/federated.safetensors")
+    got = load_file(tmp_path / "net/server/trunk.safetensors")
+    for k in range(3):
+        client = load_file(tmp_path / f"net/client-{k}/adapters.safetensors")
+        assert set(client) | set(got) == set(expected)
+        for name, value in client.items():
+            assert torch.allclose(value, expected[name], atol=1e-6, rtol=0), name
+    for name, value in got.items():
+        assert torch.allclose(value, expected[name], atol=1e-6, rtol=0), name
+    assert sim["federated"]["steps"] == 12
