@@ -79,3 +79,72 @@ def test_three_client_processes_equal_the_simulation(deployment, tmp_path):
     for name, value in got.items():
         assert torch.allclose(value, expected[name], atol=1e-6, rtol=0), name
     assert sim["federated"]["steps"] == 12
+
+
+def wait_for(proc, text, timeout=180):
+    start, seen = time.monotonic(), []
+    while time.monotonic() - start < timeout:
+        line = proc.stdout.readline()
+        seen.append(line)
+        if text in line:
+            return
+        if not line and proc.poll() is not None:
+            break
+    raise AssertionError(f"never saw {text!r}: {''.join(seen)[-2000:]}")
+
+
+def finish(procs, timeout=300):
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=timeout)
+        outs.append(out)
+        assert p.returncode == 0, out[-3000:]
+    return outs
+
+
+def test_killed_client_is_dropped_and_rejoins(deployment, tmp_path):
+    path, port = deployment
+    fast = ["--set", "deploy.client_timeout=3", "--set", "train.steps=18"]
+    server = cli("server", "--config", str(path), *fast)
+    try:
+        wait_listening(server)
+        addr = ["--server", f"localhost:{port}"]
+        c0, c1 = (cli("client", "--config", str(path), "--id", str(k), *addr, *fast) for k in (0, 1))
+        victim = cli("client", "--config", str(path), "--id", "2", *addr, *fast)
+        wait_for(victim, "client 2 step 3")
+        victim.kill()  # dies in the middle of round 1
+        victim.wait()
+        wait_for(c0, "client 0 step 5")  # the others go on without it
+        again = cli("client", "--config", str(path), "--id", "2", *addr, *fast)
+        outs = finish([c0, c1, again])
+        assert "joining at round" in outs[2]
+        server_out = finish([server])[0]
+        assert "client 2 dropped from the rotation" in server_out
+    finally:
+        server.kill()
+    assert (tmp_path / "net/server/trunk.safetensors").is_file()
+
+
+def test_killed_server_resumes_from_checkpoint(deployment, tmp_path):
+    path, port = deployment
+    slow = ["--set", "train.steps=24", "--set", "deploy.client_timeout=5"]
+    server = cli("server", "--config", str(path), *slow)
+    try:
+        wait_listening(server)
+        clients = [cli("client", "--config", str(path), "--id", str(k), "--server", f"localhost:{port}", *slow)
+                   for k in range(3)]
+        ckpt = tmp_path / "net/server/checkpoint.pt"
+        deadline = time.monotonic() + 180
+        while not ckpt.is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert ckpt.is_file()
+        server.kill()  # SIGKILL: no chance to clean up
+        server.wait()
+        server = cli("server", "--config", str(path), *slow)
+        out = finish(clients)
+        server_out = finish([server])[0]
+        assert "resumed from checkpoint" in server_out
+        assert all("adapters in" in o for o in out)
+    finally:
+        server.kill()
+    assert (tmp_path / "net/server/trunk.safetensors").is_file()

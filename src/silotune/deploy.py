@@ -75,7 +75,7 @@ def serve(cfg: RunConfig, address: str | None = None, ready: threading.Event | N
     enrolled = load_enrollment(keys / "server" / "enrolled.json")
     model_dir = resolve_model(cfg.model)
     trunk = build_server(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients, cfg.train.seed,
-                         cfg.deploy.client_timeout)
+                         cfg.deploy.client_timeout, Path(cfg.output) / "server" / "checkpoint.pt")
     servicer = SiloTuneServicer(trunk, identity, enrolled, wire_dtype(cfg.federation.wire_dtype))
     tls = (_read(keys / "server" / "tls.crt"), _read(keys / "server" / "tls.key")) if cfg.deploy.tls else None
     server, port = start_server(servicer, address or cfg.deploy.address, tls)
@@ -115,9 +115,16 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
     stream = BatchStream([rows[i] for i in idx], cfg.train.batch_size, tok.pad_token_id,
                          cfg.train.seed + 1 + client_id)
     plan = budget(cfg)
-    for event, value in client_run(client, stream, plan["steps_per_client"], cfg.federation.local_steps, len(idx)):
+    first_round = client.join()
+    done = min(first_round * cfg.federation.local_steps, plan["steps_per_client"])
+    if first_round:
+        print(f"client {client_id}: joining at round {first_round} (latest average loaded)", flush=True)
+        for _ in range(done):  # skip the batches of the rounds already averaged
+            next(stream)
+    for event, value in client_run(client, stream, plan["steps_per_client"], cfg.federation.local_steps, len(idx),
+                                   first_round, done):
         if event == "step":
-            log.info("client %d step %d loss %.4f", client_id, client.step, value)
+            print(f"client {client_id} step {client.step} loss {value:.4f}", flush=True)
         elif event == "wait":
             time.sleep(cfg.deploy.poll_seconds)
     client.finish()

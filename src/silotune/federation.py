@@ -36,10 +36,10 @@ def _layers(stage, adapters: AdapterSettings, split: SplitSettings) -> set[int]:
 
 def build_server(model_dir: Path, split: SplitSettings, adapters: AdapterSettings,
                  optim: OptimSettings, n_clients: int, seed: int,
-                 client_timeout: float | None = None) -> TrunkServer:
+                 client_timeout: float | None = None, checkpoint: Path | None = None) -> TrunkServer:
     trunk = load_stage(model_dir, "trunk", split.head_blocks, split.tail_blocks)
     apply_method(trunk, adapters, seed, _layers(trunk, adapters, split))
-    return TrunkServer(trunk, n_clients, optim, client_timeout)
+    return TrunkServer(trunk, n_clients, optim, client_timeout, checkpoint)
 
 
 def build_client_parts(model_dir: Path, split: SplitSettings, adapters: AdapterSettings, seed: int):

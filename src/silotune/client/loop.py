@@ -23,7 +23,11 @@ def client_run(client: SplitClient, batches: Iterator[dict], steps: int, local_s
             done += 1
             yield "step", loss
         client.push_update(round_, num_examples)
+        pushed_in = client.transport.epoch
         yield "pushed", round_
         while not client.pull_aggregate(round_):
+            if client.transport.epoch != pushed_in:  # the server restarted and lost our update
+                client.push_update(round_, num_examples)
+                pushed_in = client.transport.epoch
             yield "wait", round_
         round_ += 1

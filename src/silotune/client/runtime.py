@@ -7,6 +7,8 @@ server, through whatever transport the client was given.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..adapters import load_trainable_state, trainable_state
@@ -16,6 +18,8 @@ from ..protocol.messages import Aggregation, Control, ForwardActivations, Gradie
 from ..train.loss import lm_loss
 from ..train.optim import OptimSettings, Stepper, trainable
 from ..transport.base import Transport
+
+log = logging.getLogger(__name__)
 
 
 class SplitClient:
@@ -45,6 +49,18 @@ class SplitClient:
         return reply
 
     def train_step(self, batch) -> float:
+        """One split step; redone once if the server restarted (new session) in the middle of it."""
+        epoch = self.transport.epoch
+        try:
+            return self._train_step(batch)
+        except ProtocolError:
+            if self.transport.epoch == epoch:
+                raise
+            log.warning("client %d: server restarted during step %d; redoing it", self.id, self.step)
+            self.step -= 1
+            return self._train_step(batch)
+
+    def _train_step(self, batch) -> float:
         self.step += 1
         self.stepper.zero_grad()
         h1 = self._head(batch)
@@ -83,6 +99,14 @@ class SplitClient:
     def push_update(self, round_: int, num_examples: int) -> None:
         self._expect(self.transport.call(Aggregation(
             self.id, self.step, tensors=self.adapter_state(), num_examples=num_examples, round=round_)), Control)
+
+    def join(self) -> int:
+        """Announce this client; load the latest average if a round is done. Returns the next round."""
+        reply = self.transport.call(Control(self.id, self.step, command="join"))
+        if isinstance(reply, Aggregation):
+            self.load_adapter_state(reply.tensors)
+            return reply.round + 1
+        return int(self._expect(reply, Control).payload.get("round", -1)) + 1
 
     def finish(self) -> None:
         """Tell the server this client has finished training."""

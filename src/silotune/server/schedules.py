@@ -3,8 +3,8 @@
 ``Sequential`` is vanilla split learning: one client step at a time, in round-robin order
 over the clients taking part. The server, not the network, decides the order, so a
 deployment of separate processes trains exactly like the in-process simulation. A client
-whose turn it is but which stays silent past the timeout is dropped from the rotation
-(the others go on); it is taken back when it rejoins.
+that holds the turn without acting for longer than the timeout (it died, or hangs) is
+dropped from the rotation and the others go on; it is taken back when it rejoins.
 """
 
 from __future__ import annotations
@@ -13,48 +13,76 @@ import logging
 import threading
 import time
 
-from ..errors import ProtocolError
-
 log = logging.getLogger(__name__)
 
 
 class Sequential:
     def __init__(self, n_clients: int, timeout: float | None = None, on_drop=None):
-        self.on_drop = on_drop  # called with the client id when it is dropped
         self.members = list(range(n_clients))
         self.active = set(self.members)
         self.turn = 0
+        self.turn_since = time.monotonic()  # when the holder got the turn or last acted
         self.timeout = timeout
+        self.on_drop = on_drop  # called with the client id after it is dropped (outside the lock)
         self.cond = threading.Condition()
         self.dropped: list[int] = []
 
     def _advance(self) -> None:
+        self.turn_since = time.monotonic()
         if not self.active:
             return
         for k in range(1, len(self.members) + 1):
-            candidate = self.members[(self.members.index(self.turn) + k) % len(self.members)]
+            candidate = self.members[(self.turn + k) % len(self.members)]
             if candidate in self.active:
                 self.turn = candidate
                 return
 
+    def _stale_holder(self) -> int | None:
+        """Drop the turn holder if it has been idle past the timeout; returns it."""
+        if self.timeout is None or time.monotonic() - self.turn_since <= self.timeout:
+            return None
+        holder = self.turn
+        self.active.discard(holder)
+        self.dropped.append(holder)
+        log.warning("client %d dropped from the rotation: silent for %.0fs while holding the turn",
+                    holder, self.timeout)
+        self._advance()
+        self.cond.notify_all()
+        return holder
+
+    def _notify_drop(self, client: int | None) -> None:
+        if client is not None and self.on_drop is not None:
+            self.on_drop(client)
+
     def wait_turn(self, client: int) -> None:
-        """Block until it is ``client``'s turn; drop a silent turn holder after the timeout."""
+        """Block until it is ``client``'s turn (dropping a silent holder after the timeout)."""
+        while True:
+            with self.cond:
+                if client not in self.active:
+                    self.active.add(client)
+                    log.info("client %d rejoins the rotation", client)
+                if self.turn not in self.active:
+                    self._advance()
+                if self.turn == client:
+                    self.turn_since = time.monotonic()
+                    return
+                dropped = self._stale_holder()
+                if dropped is None:
+                    wait = None if self.timeout is None else self.turn_since + self.timeout - time.monotonic()
+                    self.cond.wait(None if wait is None else max(wait, 0.01))
+            self._notify_drop(dropped)
+
+    def check_stale(self) -> None:
+        """Called by clients' polls: a dead turn holder must not stall everyone else."""
         with self.cond:
-            if client not in self.active:
-                self.active.add(client)
-                log.info("client %d rejoins the rotation", client)
-            if self.turn not in self.active:
-                self._advance()
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
-            while self.turn != client:
-                holder = self.turn
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    self._drop_locked(holder, "missed its turn")
-                    deadline = time.monotonic() + self.timeout
-                    continue
-                if not self.cond.wait(remaining) and self.timeout is None:
-                    raise ProtocolError(f"client {client}: waited for its turn forever")
+            dropped = self._stale_holder()
+        self._notify_drop(dropped)
+
+    def touch(self, client: int) -> None:
+        """``client`` acted (its step is in progress): restart its idle clock."""
+        with self.cond:
+            if self.turn == client:
+                self.turn_since = time.monotonic()
 
     def done(self, client: int) -> None:
         """``client`` finished its step: the next active client's turn."""
@@ -63,15 +91,14 @@ class Sequential:
                 self._advance()
             self.cond.notify_all()
 
-    def _drop_locked(self, client: int, why: str) -> None:
-        if client in self.active:
-            self.active.discard(client)
-            self.dropped.append(client)
-            log.warning("client %d dropped from the rotation: %s", client, why)
-            if self.on_drop is not None:
-                self.on_drop(client)
+    def rejoin(self, client: int) -> None:
+        """``client`` (re)connected and will train again: back into the rotation."""
+        with self.cond:
+            if client not in self.active:
+                self.active.add(client)
+                log.info("client %d rejoins the rotation", client)
             if self.turn == client:
-                self._advance()
+                self.turn_since = time.monotonic()
             self.cond.notify_all()
 
     def leave(self, client: int) -> None:
@@ -81,7 +108,3 @@ class Sequential:
             if self.turn == client:
                 self._advance()
             self.cond.notify_all()
-
-    def drop(self, client: int, why: str) -> None:
-        with self.cond:
-            self._drop_locked(client, why)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,9 @@ from ..errors import ProtocolError
 from ..models.partition import Stage
 from ..protocol.messages import (Aggregation, Control, ForwardActivations, Gradients, Message,
                                  ReturnedActivations)
+from ..adapters import load_trainable_state, trainable_state
 from ..train.optim import OptimSettings, Stepper, trainable
+from . import checkpoint as ckpt
 from .aggregation import FedAvg
 from .schedules import Sequential
 
@@ -24,18 +27,22 @@ log = logging.getLogger(__name__)
 
 
 class TrunkServer:
-    def __init__(self, trunk: Stage, n_clients: int, optim: OptimSettings, client_timeout: float | None = None):
+    def __init__(self, trunk: Stage, n_clients: int, optim: OptimSettings, client_timeout: float | None = None,
+                 checkpoint: Path | None = None):
         self.trunk = trunk
-        self.schedule = Sequential(n_clients, client_timeout, on_drop=self._drop_pending)
+        self.schedule = Sequential(n_clients, client_timeout, on_drop=self._on_drop)
         self.lock = threading.RLock()  # one trunk: transports may call from many threads
         self.hidden_size = trunk.config.hidden_size
         self.n_clients = n_clients
         self.stepper = Stepper(trainable(trunk), optim)
-        self.aggregator = FedAvg(n_clients)
+        self.aggregator = FedAvg(n_clients, expected=lambda: set(self.schedule.active))
+        self.checkpoint = checkpoint
         self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
         self.finished_clients: set[int] = set()
         self.finished = threading.Event()  # set once every client has said goodbye
+        if checkpoint is not None and Path(checkpoint).is_file():
+            self.restore(ckpt.load(Path(checkpoint)))
 
     def handle(self, msg: Message) -> Message:
         if not 0 <= msg.client < self.n_clients:
@@ -47,22 +54,58 @@ class TrunkServer:
             with self.lock:
                 return self._forward(msg)
         if isinstance(msg, Gradients):
+            self.schedule.touch(msg.client)
             with self.lock:
                 reply = self._backward(msg)
             self.schedule.done(msg.client)
             return reply
+        if isinstance(msg, Control) and msg.command == "join":  # schedule calls stay outside the trunk lock
+            self.schedule.rejoin(msg.client)
+        if isinstance(msg, Control) and msg.command == "bye":
+            self.schedule.leave(msg.client)
         with self.lock:
-            return self._control(msg)
+            reply = self._control(msg)
+        if isinstance(reply, Control) and reply.command == "not_ready":
+            self.schedule.check_stale()
+        return reply
 
-    def _drop_pending(self, client: int) -> None:
+    def _on_drop(self, client: int) -> None:
+        """A client was dropped: forget its pending step; rounds it held up may now complete."""
         with self.lock:
             if self.pending.pop(client, None) is not None:
                 log.warning("client %d: pending step dropped", client)
+            for round_ in self.aggregator.recheck():
+                self._round_done(round_)
+
+    def _round_done(self, round_: int) -> None:
+        log.info("round %d averaged", round_)
+        if self.checkpoint is not None:
+            ckpt.save(Path(self.checkpoint), self.state_dict())
+
+    def state_dict(self) -> dict:
+        round_, aggregate = self.aggregator.latest()
+        return {"trunk": trainable_state(self.trunk), "optim": self.stepper.state_dict(), "steps": self.steps,
+                "round": round_, "aggregate": aggregate or {}}
+
+    def restore(self, state: dict) -> None:
+        load_trainable_state(self.trunk, state["trunk"])
+        self.stepper.load_state_dict(state["optim"])
+        self.steps = state["steps"]
+        if state["round"] >= 0:
+            self.aggregator.results[state["round"]] = state["aggregate"]
+        log.warning("resumed from checkpoint %s: round %d done, %d trunk steps", self.checkpoint,
+                    state["round"], self.steps)
 
     def _control(self, msg: Message) -> Message:
         if isinstance(msg, Aggregation):
-            self.aggregator.submit(msg.client, msg.round, msg.tensors, msg.num_examples)
+            if self.aggregator.submit(msg.client, msg.round, msg.tensors, msg.num_examples):
+                self._round_done(msg.round)
             return Control(msg.client, msg.step, command="ack")
+        if isinstance(msg, Control) and msg.command == "join":
+            round_, aggregate = self.aggregator.latest()
+            if aggregate is None:
+                return Control(msg.client, msg.step, command="joined", payload={"round": round_})
+            return Aggregation(msg.client, msg.step, tensors=aggregate, round=round_)
         if isinstance(msg, Control) and msg.command == "fetch_aggregate":
             round_ = int(msg.payload.get("round", -1))
             result = self.aggregator.result(round_)
@@ -71,7 +114,6 @@ class TrunkServer:
             return Aggregation(msg.client, msg.step, tensors=result, round=round_)
         if isinstance(msg, Control) and msg.command == "bye":
             self.finished_clients.add(msg.client)
-            self.schedule.leave(msg.client)
             if len(self.finished_clients) == self.n_clients:
                 self.finished.set()
             return Control(msg.client, msg.step, command="ack")

@@ -37,5 +37,6 @@ class Handler(Protocol):
 
 class Transport(Protocol):
     stats: WireStats
+    epoch: int  # sessions opened so far; it changes when the transport had to reconnect
 
     def call(self, msg: Message) -> Message: ...

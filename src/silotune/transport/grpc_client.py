@@ -50,6 +50,7 @@ class GrpcTransport:
             self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.SiloTuneStub(self.channel)
         self.session: AeadSession | None = None
+        self.epoch = 0  # number of sessions opened: a change means the server may have restarted
         self.stats = WireStats()
         self.crypto_seconds = 0.0
 
@@ -60,6 +61,7 @@ class GrpcTransport:
                                              signature=h.signature), timeout=self.timeout)
         keys = hs.finish(ServerHello(reply.session_id, reply.ephemeral, reply.nonce, reply.signature))
         self.session = AeadSession(keys, "client")
+        self.epoch += 1
 
     def _exchange(self, blob: bytes, step: int) -> bytes:
         if self.session is None:
@@ -91,6 +93,11 @@ class GrpcTransport:
                     self.session = None  # a restarted server has forgotten our session
                     time.sleep(delay)
                     delay = min(delay * 2, 30.0)
+                    continue
+                if code == grpc.StatusCode.UNAUTHENTICATED and "no session" in (exc.details() or "") \
+                        and attempt < self.retries:
+                    log.warning("client %d: server forgot our session (restarted?); reconnecting", self.client_id)
+                    self.session = None
                     continue
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     self.session = None

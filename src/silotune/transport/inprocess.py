@@ -19,6 +19,7 @@ class InProcessTransport:
         self.handler = handler
         self.wire_dtype = wire_dtype
         self.stats = WireStats()
+        self.epoch = 1  # sessions opened (an in-process server never restarts)
 
     def call(self, msg: Message) -> Message:
         up = encode(msg, self.wire_dtype)
