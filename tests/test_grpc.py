@@ -142,3 +142,22 @@ def test_a_client_cannot_speak_for_another(live):
     dep, _, clients = live
     with pytest.raises(ProtocolError, match="claiming to be client 1"):
         clients[0].transport.call(ForwardActivations(1, 1, hidden=torch.zeros(1, 2, 32), lengths=torch.tensor([2])))
+
+
+def test_payload_above_grpc_limit_is_streamed_in_chunks(live):
+    dep, server, clients = live
+    big = torch.randn(256, 256, 32)  # 8 MiB of fp32 activations: twice gRPC's default message limit
+    reply = clients[0].transport.call(ForwardActivations(0, 1, hidden=big, lengths=torch.full((256,), 256),
+                                                          train=False))
+    assert reply.hidden.shape == big.shape and clients[0].transport.stats.bytes_up > 8 << 20
+
+
+def test_oversized_message_is_refused(live):
+    dep, server, clients = live
+    dep.servicer.limit = 1 << 20
+    with pytest.raises(ProtocolError, match="larger than"):
+        clients[0].transport.call(ForwardActivations(0, 1, hidden=torch.randn(8, 1024, 32),
+                                                     lengths=torch.full((8,), 1024), train=False))
+    assert dep.servicer.rejected["oversized"] == 1
+    dep.servicer.limit = 512 << 20
+    clients[0].train_step(batches(1)[0])

@@ -99,8 +99,8 @@ class GrpcTransport:
                     log.warning("client %d: server forgot our session (restarted?); reconnecting", self.client_id)
                     self.session = None
                     continue
+                self.session = None  # after any refusal, start the next call from a fresh session
                 if code == grpc.StatusCode.UNAUTHENTICATED:
-                    self.session = None
                     raise CryptoError(f"server refused client {self.client_id}: {exc.details()}") from None
                 if code in RETRYABLE:
                     raise PeerUnavailable(f"server {self.address} unreachable after {self.retries} retries "

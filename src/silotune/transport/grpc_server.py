@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from concurrent import futures
 
@@ -37,6 +38,7 @@ class SiloTuneServicer(pb_grpc.SiloTuneServicer):
         self.wire_dtype, self.limit = wire_dtype, max_message_bytes
         self.sessions: dict[tuple[int, bytes], AeadSession] = {}
         self.rejected: Counter[str] = Counter()
+        self.crypto_seconds = 0.0  # time spent sealing and opening messages
         self.lock = threading.Lock()
 
     def _reject(self, context, reason: str, code, detail: str):
@@ -78,7 +80,9 @@ class SiloTuneServicer(pb_grpc.SiloTuneServicer):
                          f"{first.get('id', (None,))[0]}: handshake first")
         try:
             with self.lock:
+                t0 = time.perf_counter()
                 plaintext, step = session.open(envelope)
+                self.crypto_seconds += time.perf_counter() - t0
         except CryptoError as exc:
             self._reject(context, "crypto", grpc.StatusCode.UNAUTHENTICATED, str(exc))
         try:
@@ -88,8 +92,11 @@ class SiloTuneServicer(pb_grpc.SiloTuneServicer):
             reply = self.handler.handle(msg)
         except ProtocolError as exc:
             self._reject(context, "protocol", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        blob = encode(reply, self.wire_dtype)
         with self.lock:
-            sealed = session.seal(encode(reply, self.wire_dtype), step)
+            t0 = time.perf_counter()
+            sealed = session.seal(blob, step)
+            self.crypto_seconds += time.perf_counter() - t0
         for piece, last in chunking.split(sealed):
             yield pb.Chunk(client_id=session.client_id, session_id=session.session_id, data=piece, last=last)
 
