@@ -9,7 +9,6 @@ from silotune.errors import ModelError
 from silotune.models.arch import LLAMA, arch_for, register, replace, supported
 from silotune.models.loading import resolve_model
 from silotune.models.partition import load_stage
-from silotune.models.tiny import save_tiny_model
 
 
 def names(stage):

@@ -47,6 +47,8 @@ def fwd(client=0, step=1, shape=(2, 4, 32), lengths=(4, 2)):
     (fwd(shape=(2, 4, 31)), "activations must be"),
     (fwd(lengths=(4, 9)), "lengths outside"),
     (fwd(lengths=(4,)), "lengths must be"),
+    (ForwardActivations(0, 1, hidden=torch.ones(2, 4, 32, dtype=torch.long), lengths=torch.tensor([4, 2])),
+     "floating point"),
     (Gradients(0, 1, grad=torch.randn(2, 4, 32)), "without a forward"),
     (Control(0, 1, command="dance"), "unexpected control"),
 ])
@@ -59,7 +61,9 @@ def test_server_rejects_wrong_step_and_shape_then_keeps_serving(server):
     server.handle(fwd())
     with pytest.raises(ProtocolError, match="pending step"):
         server.handle(Gradients(0, 2, grad=torch.randn(2, 4, 32)))
-    with pytest.raises(ProtocolError, match="gradient shape"):
+    with pytest.raises(ProtocolError, match="gradient must be"):
         server.handle(Gradients(0, 1, grad=torch.randn(2, 3, 32)))
+    with pytest.raises(ProtocolError, match="gradient must be"):
+        server.handle(Gradients(0, 1, grad=torch.ones(2, 4, 32, dtype=torch.long)))
     reply = server.handle(Gradients(0, 1, grad=torch.randn(2, 4, 32)))
     assert reply.grad.shape == (2, 4, 32) and server.steps == 1

@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--config", help="YAML run configuration (the same file the clients use)")
     sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sv.add_argument("--address", help="host:port to listen on (default: deploy.address)")
+    sv.add_argument("--fresh", action="store_true",
+                    help="start from scratch even if OUTPUT/server/checkpoint.pt exists (default: resume from it)")
 
     cl = sub.add_parser("client", help="run one data owner's client against a trunk server",
                         description="Train this client's head and tail with its own shard of the data against "
@@ -127,7 +129,7 @@ def cmd_server(args) -> int:
     from .config import load_config
     from .deploy import serve
 
-    serve(load_config(args.config, args.overrides), args.address)
+    serve(load_config(args.config, args.overrides), args.address, fresh=args.fresh)
     return 0
 
 

@@ -13,7 +13,6 @@ The server and the clients run the same runtimes as the simulation (``federation
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from .federation import build_client_parts, build_server
 from .models.loading import load_tokenizer, resolve_model
 from .protocol.codec import wire_dtype
 from .report import adapters_blob, atomic_write
-from .train.batching import BatchStream, encode_example
+from .train.batching import BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -66,23 +65,26 @@ def server_public(keys: Path) -> bytes:
         raise CryptoError(f"{keys / 'server.pub'}: not a hex public key") from None
 
 
-def serve(cfg: RunConfig, address: str | None = None, ready: threading.Event | None = None) -> Path:
-    """Run the trunk server until every client has finished; returns the trunk adapters' path."""
+def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Path:
+    """Run the trunk server until every client has finished; returns the trunk adapters' path.
+
+    It resumes from ``OUTPUT/server/checkpoint.pt`` when one exists (unless ``fresh``)."""
     from .transport.grpc_server import SiloTuneServicer, start_server
 
     keys = Path(cfg.deploy.keys)
     identity = Identity.load(keys / "server" / "identity.pem")
     enrolled = load_enrollment(keys / "server" / "enrolled.json")
     model_dir = resolve_model(cfg.model)
+    checkpoint = Path(cfg.output) / "server" / "checkpoint.pt"
+    if fresh:
+        checkpoint.unlink(missing_ok=True)
     trunk = build_server(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients, cfg.train.seed,
-                         cfg.deploy.client_timeout, Path(cfg.output) / "server" / "checkpoint.pt")
+                         cfg.deploy.client_timeout, checkpoint)
     servicer = SiloTuneServicer(trunk, identity, enrolled, wire_dtype(cfg.federation.wire_dtype))
     tls = (_read(keys / "server" / "tls.crt"), _read(keys / "server" / "tls.key")) if cfg.deploy.tls else None
     server, port = start_server(servicer, address or cfg.deploy.address, tls)
     print(f"silotune server listening on port {port} ({'TLS + ' if tls else ''}AEAD), "
           f"waiting for {cfg.federation.clients} clients", flush=True)
-    if ready is not None:
-        ready.set()
     try:
         trunk.finished.wait()
     finally:

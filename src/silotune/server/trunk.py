@@ -121,6 +121,9 @@ class TrunkServer:
 
     def _check_activations(self, msg: ForwardActivations) -> None:
         h, lengths = msg.hidden, msg.lengths
+        if h is not None and not h.is_floating_point():
+            raise ProtocolError(f"client {msg.client} step {msg.step}: activations must be floating point, "
+                                f"got {h.dtype}")
         if h is None or h.ndim != 3 or h.shape[-1] != self.hidden_size:
             raise ProtocolError(f"client {msg.client} step {msg.step}: activations must be (B, T, "
                                 f"{self.hidden_size}), got {tuple(h.shape) if h is not None else None}")
@@ -146,9 +149,9 @@ class TrunkServer:
         step, h1, h2 = self.pending[msg.client]
         if step != msg.step:
             raise ProtocolError(f"client {msg.client}: gradients for step {msg.step}, pending step is {step}")
-        if msg.grad is None or msg.grad.shape != h2.shape:
-            raise ProtocolError(f"client {msg.client} step {msg.step}: gradient shape "
-                                f"{None if msg.grad is None else tuple(msg.grad.shape)} != {tuple(h2.shape)}")
+        if msg.grad is None or msg.grad.shape != h2.shape or not msg.grad.is_floating_point():
+            raise ProtocolError(f"client {msg.client} step {msg.step}: gradient must be a float tensor of shape "
+                                f"{tuple(h2.shape)}, got {None if msg.grad is None else (tuple(msg.grad.shape), msg.grad.dtype)}")
         del self.pending[msg.client]
         self.stepper.zero_grad()
         h2.backward(msg.grad.to(h2.dtype))

@@ -92,6 +92,9 @@ class SiloTuneServicer(pb_grpc.SiloTuneServicer):
             reply = self.handler.handle(msg)
         except ProtocolError as exc:
             self._reject(context, "protocol", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a bug or a message we failed to foresee: refuse it, keep serving
+            log.exception("client %d: internal error", session.client_id)
+            self._reject(context, "internal", grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         blob = encode(reply, self.wire_dtype)
         with self.lock:
             t0 = time.perf_counter()
