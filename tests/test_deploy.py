@@ -1,5 +1,6 @@
 """Real processes over loopback: one server and three clients train exactly like the simulation."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -22,8 +23,9 @@ def free_port() -> int:
 
 
 def cli(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # four tiny processes on a small machine: no oversubscription
     return subprocess.Popen([sys.executable, "-m", "silotune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def wait_listening(proc, timeout=120):
