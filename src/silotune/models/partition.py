@@ -176,13 +176,14 @@ def load_stage(model_dir: str | Path, part: str, a: int = 1, c: int = 1,
                     state[wanted[key]] = f.get_tensor(key)
                 if tied_head and key == f"{stage.spec.embed}.weight" and stage.embed is None:
                     state["lm_head.weight"] = f.get_tensor(key)
-    if tied_head and stage.embed is not None:  # one tensor, as in the unsplit model
-        stage.lm_head.weight = stage.embed.weight
+    if tied_head and stage.embed is not None:
         state.setdefault("lm_head.weight", state.get("embed.weight"))
     missing = [k for k in stage.state_dict() if k not in state and not k.startswith("rotary.")]
     if missing:
         raise ModelError(f"{model_dir}: weights missing for {part}: {', '.join(missing[:5])}")
-    stage.load_state_dict(state, strict=False)
+    stage.load_state_dict(state, strict=False, assign=True)  # take the tensors read, no second copy
+    if tied_head and stage.embed is not None:  # one parameter, as in the unsplit model
+        stage.lm_head.weight = stage.embed.weight
     if stage.rotary is not None:  # non-persistent buffers: rebuild them for real
         stage.rotary = type(stage.rotary)(config=config)
     stage.to(dtype)
