@@ -1,6 +1,9 @@
 """Shared fixtures: tiny random models of each architecture and the real SmolLM2 export."""
 
 import logging
+import os
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep gRPC's C-core notices out of the test log
 
 import pytest
 import transformers
