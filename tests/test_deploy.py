@@ -48,7 +48,8 @@ def deployment(tmp_path, tiny_chat_dir):
            "data": {"max_train": 48, "max_test": 8, "max_length": 48},
            "federation": {"clients": 3, "local_steps": 2, "wire_dtype": "fp32"},
            "train": {"steps": 12, "batch_size": 4},
-           "deploy": {"keys": str(keys), "address": f"127.0.0.1:{port}", "client_timeout": 60.0},
+           "deploy": {"keys": str(keys), "address": f"127.0.0.1:{port}", "client_timeout": 60.0,
+                      "mutual_tls": True},
            "output": str(tmp_path / "net")}
     path = tmp_path / "deploy.yaml"
     path.write_text(yaml.safe_dump(cfg))

@@ -8,7 +8,7 @@ from silotune.adapters import AdapterSettings, LoraSettings
 from silotune.crypto import CryptoError, Identity
 from silotune.crypto.certs import make_tls
 from silotune.errors import ProtocolError
-from silotune.federation import SplitSettings, build_parties
+from silotune.federation import SplitSettings, build_parties, build_server
 from silotune.protocol import ForwardActivations, encode
 from silotune.train.batching import collate
 from silotune.train.optim import OptimSettings
@@ -21,7 +21,7 @@ from silotune.transport.proto import silotune_pb2_grpc as pb_grpc
 @pytest.fixture(scope="module")
 def keys():
     return {"server": Identity.generate(), 0: Identity.generate(), 1: Identity.generate(),
-            "tls": make_tls(["localhost", "127.0.0.1"])}
+            "tls": make_tls(["localhost", "127.0.0.1"], n_clients=1)}
 
 
 def batches(n, seed=0):
@@ -161,3 +161,22 @@ def test_oversized_message_is_refused(live):
     assert dep.servicer.rejected["oversized"] == 1
     dep.servicer.limit = 512 << 20
     clients[0].train_step(batches(1)[0])
+
+
+def test_mutual_tls_refuses_a_client_without_certificate(tiny_dirs, keys):
+    server = build_server(tiny_dirs["llama"], SplitSettings(1, 1), AdapterSettings(), OptimSettings(), 1, 0)
+    servicer = SiloTuneServicer(server, keys["server"], {0: keys[0].public})
+    tls = keys["tls"]
+    grpc_server, port = start_server(servicer, "127.0.0.1:0", (tls["server.crt"], tls["server.key"]),
+                                     client_ca=tls["ca.crt"])
+    try:
+        msg = ForwardActivations(0, 1, hidden=torch.zeros(1, 2, 32), lengths=torch.tensor([2]), train=False)
+        anonymous = GrpcTransport(f"localhost:{port}", 0, keys[0], keys["server"].public, tls_root=tls["ca.crt"],
+                                  retries=0, timeout=10)
+        with pytest.raises(ProtocolError, match="unreachable"):
+            anonymous.call(msg)
+        holder = GrpcTransport(f"localhost:{port}", 0, keys[0], keys["server"].public, tls_root=tls["ca.crt"],
+                               retries=0, timeout=10, tls_client=(tls["client-0.crt"], tls["client-0.key"]))
+        assert holder.call(msg).hidden.shape == (1, 2, 32)
+    finally:
+        grpc_server.stop(0)

@@ -55,6 +55,7 @@ class DeploySettings:
     address: str = "127.0.0.1:50051"  # where the server listens and clients connect
     keys: str = "keys"  # folder written by 'silotune keys'
     tls: bool = True
+    mutual_tls: bool = False  # also require a client certificate signed by the deployment CA
     client_timeout: float = 120.0  # seconds a client may hold its turn before it is dropped
     poll_seconds: float = 0.05  # how often a client asks whether the round's average is ready
 

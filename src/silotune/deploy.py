@@ -3,7 +3,7 @@
 ``silotune keys`` writes everything a deployment needs into one folder:
 
     server/identity.pem  server/tls.key  server/tls.crt  server/enrolled.json   (stay on the server)
-    clients/client-K.pem                                                     (one per data owner)
+    clients/client-K.pem  clients/client-K.crt  clients/client-K.key  (one set per data owner)
     ca.crt  server.pub                                         (public: every client gets these)
 
 The server and the clients run the same runtimes as the simulation (``federation.py``,
@@ -41,7 +41,11 @@ def make_keys(out: str | Path, n_clients: int, hosts: list[str]) -> Path:
         ident.save(out / "clients" / f"client-{k}.pem")
         clients[k] = ident.public
     save_enrollment(out / "server" / "enrolled.json", clients)
-    tls = make_tls(hosts)
+    tls = make_tls(hosts, n_clients)
+    for k in range(n_clients):
+        atomic_write(out / "clients" / f"client-{k}.crt", tls[f"client-{k}.crt"])
+        atomic_write(out / "clients" / f"client-{k}.key", tls[f"client-{k}.key"])
+        (out / "clients" / f"client-{k}.key").chmod(0o600)
     atomic_write(out / "server" / "tls.crt", tls["server.crt"])
     atomic_write(out / "server" / "tls.key", tls["server.key"])
     (out / "server" / "tls.key").chmod(0o600)
@@ -82,8 +86,10 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
                          cfg.deploy.client_timeout, checkpoint)
     servicer = SiloTuneServicer(trunk, identity, enrolled, wire_dtype(cfg.federation.wire_dtype))
     tls = (_read(keys / "server" / "tls.crt"), _read(keys / "server" / "tls.key")) if cfg.deploy.tls else None
-    server, port = start_server(servicer, address or cfg.deploy.address, tls)
-    print(f"silotune server listening on port {port} ({'TLS + ' if tls else ''}AEAD), "
+    client_ca = _read(keys / "ca.crt") if cfg.deploy.tls and cfg.deploy.mutual_tls else None
+    server, port = start_server(servicer, address or cfg.deploy.address, tls, client_ca=client_ca)
+    channel = ("mutual TLS + " if client_ca else "TLS + ") if tls else ""
+    print(f"silotune server listening on port {port} ({channel}AEAD), "
           f"waiting for {cfg.federation.clients} clients", flush=True)
     try:
         trunk.finished.wait()
@@ -112,7 +118,10 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
     address = server or cfg.deploy.address
     transport = GrpcTransport(address, client_id, identity, server_public(keys),
                               tls_root=_read(keys / "ca.crt") if cfg.deploy.tls else None,
-                              wire_dtype=wire_dtype(cfg.federation.wire_dtype))
+                              wire_dtype=wire_dtype(cfg.federation.wire_dtype),
+                              tls_client=(_read(keys / "clients" / f"client-{client_id}.crt"),
+                                          _read(keys / "clients" / f"client-{client_id}.key"))
+                              if cfg.deploy.tls and cfg.deploy.mutual_tls else None)
     client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.federation.noise_std, cfg.train.seed)
     stream = BatchStream([rows[i] for i in idx], cfg.train.batch_size, tok.pad_token_id,
                          cfg.train.seed + 1 + client_id)

@@ -36,7 +36,8 @@ class GrpcTransport:
     def __init__(self, address: str, client_id: int, identity: Identity, server_public: bytes,
                  tls_root: bytes | None = None, wire_dtype: torch.dtype = torch.float32,
                  timeout: float = 600.0, retries: int = 8, backoff: float = 0.5,
-                 max_message_bytes: int = 512 << 20, tls_server_name: str | None = None):
+                 max_message_bytes: int = 512 << 20, tls_server_name: str | None = None,
+                 tls_client: tuple[bytes, bytes] | None = None):
         self.address, self.client_id = address, client_id
         self.identity, self.server_public = identity, server_public
         self.wire_dtype, self.timeout = wire_dtype, timeout
@@ -45,7 +46,9 @@ class GrpcTransport:
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if tls_root is not None:
-            self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(tls_root), options=options)
+            cert, key = tls_client or (None, None)  # (certificate, private key) for mutual TLS
+            credentials = grpc.ssl_channel_credentials(tls_root, private_key=key, certificate_chain=cert)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         else:
             self.channel = grpc.insecure_channel(address, options=options)
         self.stub = pb_grpc.SiloTuneStub(self.channel)

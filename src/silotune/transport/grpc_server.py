@@ -105,17 +105,20 @@ class SiloTuneServicer(pb_grpc.SiloTuneServicer):
 
 
 def start_server(servicer: SiloTuneServicer, address: str, tls: tuple[bytes, bytes] | None,
-                 max_workers: int = 16) -> tuple[grpc.Server, int]:
+                 max_workers: int = 16, client_ca: bytes | None = None) -> tuple[grpc.Server, int]:
     """Start serving on ``address`` (e.g. '127.0.0.1:0'); returns the server and its port.
 
     ``tls`` is (certificate chain PEM, private key PEM); None serves without TLS (the AEAD
-    layer still encrypts and authenticates every message).
+    layer still encrypts and authenticates every message). With ``client_ca`` the server
+    requires mutual TLS: clients must present a certificate signed by that CA.
     """
     options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
     pb_grpc.add_SiloTuneServicer_to_server(servicer, server)
     if tls is not None:
-        port = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+        credentials = grpc.ssl_server_credentials([(tls[1], tls[0])], root_certificates=client_ca,
+                                                  require_client_auth=client_ca is not None)
+        port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
     server.start()
