@@ -97,6 +97,10 @@ def test_client_with_unenrolled_key_is_refused(live, keys):
     with pytest.raises(CryptoError, match="bad signature"):
         t.call(ForwardActivations(0, 1, hidden=torch.zeros(1, 2, 32), lengths=torch.tensor([2])))
     assert dep.servicer.rejected["handshake"] == 1
+    stranger = GrpcTransport(f"127.0.0.1:{dep.port}", 9, Identity.generate(), keys["server"].public, retries=0)
+    with pytest.raises(CryptoError, match="unknown client 9"):
+        stranger.call(ForwardActivations(9, 1, hidden=torch.zeros(1, 2, 32), lengths=torch.tensor([2])))
+    assert dep.servicer.rejected["handshake"] == 2
 
 
 def test_tampered_and_replayed_messages_are_rejected_and_others_keep_training(live, keys):
