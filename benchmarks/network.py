@@ -14,7 +14,6 @@ import statistics
 import time
 from pathlib import Path
 
-
 from silotune.config import load_config
 from silotune.crypto import Identity
 from silotune.crypto.certs import make_tls

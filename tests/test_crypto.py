@@ -2,8 +2,15 @@
 
 import pytest
 
-from silotune.crypto import (AeadSession, ClientHandshake, CryptoError, Identity, load_enrollment,
-                             save_enrollment, server_accept)
+from silotune.crypto import (
+    AeadSession,
+    ClientHandshake,
+    CryptoError,
+    Identity,
+    load_enrollment,
+    save_enrollment,
+    server_accept,
+)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import apply_method, trained_layers
-from .config import RunConfig
-from .errors import ConfigError
-from .data import load_task, partition_dirichlet, partition_iid
-from .eval.loop import evaluate
 from .client.loop import client_run
+from .config import RunConfig
+from .data import load_task, partition_dirichlet, partition_iid
+from .errors import ConfigError
+from .eval.loop import evaluate
 from .federation import build_parties
 from .models.loading import load_tokenizer, resolve_model
 from .models.partition import load_stage

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import torch
 
+from ..adapters import load_trainable_state, trainable_state
 from ..errors import ProtocolError
 from ..models.partition import Stage
-from ..protocol.messages import (Aggregation, Control, ForwardActivations, Gradients, Message,
-                                 ReturnedActivations)
-from ..adapters import load_trainable_state, trainable_state
+from ..protocol.messages import Aggregation, Control, ForwardActivations, Gradients, Message, ReturnedActivations
 from ..train.optim import OptimSettings, Stepper, trainable
 from . import checkpoint as ckpt
 from .aggregation import FedAvg
