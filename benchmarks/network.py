@@ -23,6 +23,7 @@ from silotune.protocol.codec import wire_dtype
 from silotune.report import machine
 from silotune.simulate import prepare_data
 from silotune.train.batching import BatchStream
+from silotune.transport.base import WireStats
 from silotune.transport.grpc_client import GrpcTransport
 from silotune.transport.grpc_server import SiloTuneServicer, start_server
 
@@ -58,7 +59,7 @@ def main() -> None:
                         "stream": BatchStream(rows, cfg.train.batch_size, tok.pad_token_id, 0)}
     for s in setups.values():  # warm-up step each
         s["client"].train_step(next(s["stream"]))
-        s["client"].transport.stats.__init__()
+        s["client"].transport.stats = WireStats()
         s["client"].transport.crypto_seconds = 0.0
         if s["holder"]:
             s["holder"]["servicer"].crypto_seconds = 0.0

@@ -29,14 +29,7 @@ def cli(*args):
 
 
 def wait_listening(proc, timeout=120):
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        line = proc.stdout.readline()
-        if "listening" in line:
-            return
-        if not line and proc.poll() is not None:
-            break
-    raise AssertionError(f"server did not start: {proc.stdout.read()}")
+    wait_for(proc, "listening", timeout)
 
 
 @pytest.fixture

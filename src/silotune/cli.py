@@ -16,6 +16,13 @@ FLAG_KEYS = {"model": "model", "task": "data.task", "clients": "federation.clien
              "seed": "train.seed", "out": "output"}
 
 
+def config_args(p: argparse.ArgumentParser, config_help: str) -> None:
+    """--config FILE and repeatable --set KEY=VALUE, shared by every command that runs a config."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set optim.lr=5e-4 (repeatable)")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="silotune",
@@ -28,9 +35,7 @@ def parser() -> argparse.ArgumentParser:
                        "baseline, and write a run folder (metrics.json, report.md, loss.png, adapters/)",
                        description="Simulate split federated fine-tuning with the real client and server code "
                        "over the in-process transport, next to a centralized run with the same budget.")
-    s.add_argument("--config", help="YAML run configuration (see configs/)")
-    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set optim.lr=5e-4 (repeatable)")
+    config_args(s, "YAML run configuration (see configs/)")
     s.add_argument("--model", help="'smollm2', a Hugging Face model directory or a .gguf file")
     s.add_argument("--task", help="built-in task name or a .jsonl/.csv file of your own")
     s.add_argument("--clients", type=int, help="number of clients")
@@ -61,8 +66,7 @@ def parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("server", help="run the trunk server of a deployment (gRPC, TLS, per-client AEAD)",
                         description="Serve the trunk over gRPC until every client has finished, then write "
                         "the trunk adapters to OUTPUT/server/trunk.safetensors.")
-    sv.add_argument("--config", help="YAML run configuration (the same file the clients use)")
-    sv.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    config_args(sv, "YAML run configuration (the same file the clients use)")
     sv.add_argument("--address", help="host:port to listen on (default: deploy.address)")
     sv.add_argument("--fresh", action="store_true",
                     help="start from scratch even if OUTPUT/server/checkpoint.pt exists (default: resume from it)")
@@ -71,9 +75,8 @@ def parser() -> argparse.ArgumentParser:
                         description="Train this client's head and tail with its own shard of the data against "
                         "the server, then write OUTPUT/client-ID/adapters.safetensors.")
     cl.add_argument("--server", help="server host:port (default: deploy.address)")
-    cl.add_argument("--config", help="YAML run configuration (the same file the server uses)")
+    config_args(cl, "YAML run configuration (the same file the server uses)")
     cl.add_argument("--id", type=int, required=True, help="this client's id (0..clients-1)")
-    cl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     sub.add_parser("tasks", help="list the built-in tasks")
     return p

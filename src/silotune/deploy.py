@@ -16,6 +16,7 @@ import logging
 import time
 from pathlib import Path
 
+from .atomic import atomic_write
 from .client.loop import client_run
 from .client.runtime import SplitClient
 from .config import RunConfig
@@ -25,7 +26,7 @@ from .crypto.identity import CryptoError
 from .federation import build_client_parts, build_server
 from .models.loading import load_tokenizer, resolve_model
 from .protocol.codec import wire_dtype
-from .report import adapters_blob, atomic_write
+from .report import adapters_blob
 from .train.batching import BatchStream
 
 log = logging.getLogger(__name__)
@@ -44,11 +45,9 @@ def make_keys(out: str | Path, n_clients: int, hosts: list[str]) -> Path:
     tls = make_tls(hosts, n_clients)
     for k in range(n_clients):
         atomic_write(out / "clients" / f"client-{k}.crt", tls[f"client-{k}.crt"])
-        atomic_write(out / "clients" / f"client-{k}.key", tls[f"client-{k}.key"])
-        (out / "clients" / f"client-{k}.key").chmod(0o600)
+        atomic_write(out / "clients" / f"client-{k}.key", tls[f"client-{k}.key"], mode=0o600)
     atomic_write(out / "server" / "tls.crt", tls["server.crt"])
-    atomic_write(out / "server" / "tls.key", tls["server.key"])
-    (out / "server" / "tls.key").chmod(0o600)
+    atomic_write(out / "server" / "tls.key", tls["server.key"], mode=0o600)
     atomic_write(out / "ca.crt", tls["ca.crt"])
     atomic_write(out / "server.pub", server.public.hex() + "\n")
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
@@ -17,19 +16,8 @@ import yaml
 from safetensors.torch import save as st_save
 
 from .adapters import trainable_state
+from .atomic import atomic_path, atomic_write
 from .config import RunConfig, to_dict
-
-
-def atomic_write(path: Path, data: bytes | str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def adapters_blob(stages, method: str) -> bytes:
@@ -120,11 +108,9 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title(f"{r['task']}: training loss")
     ax.legend()
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def write_run(cfg: RunConfig, r: dict, out: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,24 +16,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..atomic import atomic_write
 from ..errors import SiloTuneError
 
 
 class CryptoError(SiloTuneError):
     """A failed handshake, signature, decryption, replay check or key file."""
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
@@ -62,8 +48,8 @@ class Identity:
         return self.key.sign(data)
 
     def save(self, path: str | Path) -> None:
-        _write_private(Path(path), self.key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        atomic_write(path, self.key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), mode=0o600)
 
     @classmethod
     def load(cls, path: str | Path) -> "Identity":
@@ -89,7 +75,7 @@ def verify(public: bytes, signature: bytes, data: bytes) -> bool:
 
 def save_enrollment(path: str | Path, clients: dict[int, bytes]) -> None:
     text = json.dumps({str(k): v.hex() for k, v in sorted(clients.items())}, indent=2)
-    _write_private(Path(path), text.encode())
+    atomic_write(path, text, mode=0o600)
 
 
 def load_enrollment(path: str | Path) -> dict[int, bytes]:

@@ -37,6 +37,11 @@ class Sequential:
                 self.turn = candidate
                 return
 
+    def _admit(self, client: int) -> None:
+        if client not in self.active:
+            self.active.add(client)
+            log.info("client %d rejoins the rotation", client)
+
     def _stale_holder(self) -> int | None:
         """Drop the turn holder if it has been idle past the timeout; returns it."""
         if self.timeout is None or time.monotonic() - self.turn_since <= self.timeout:
@@ -58,9 +63,7 @@ class Sequential:
         """Block until it is ``client``'s turn (dropping a silent holder after the timeout)."""
         while True:
             with self.cond:
-                if client not in self.active:
-                    self.active.add(client)
-                    log.info("client %d rejoins the rotation", client)
+                self._admit(client)
                 if self.turn not in self.active:
                     self._advance()
                 if self.turn == client:
@@ -94,9 +97,7 @@ class Sequential:
     def rejoin(self, client: int) -> None:
         """``client`` (re)connected and will train again: back into the rotation."""
         with self.cond:
-            if client not in self.active:
-                self.active.add(client)
-                log.info("client %d rejoins the rotation", client)
+            self._admit(client)
             if self.turn == client:
                 self.turn_since = time.monotonic()
             self.cond.notify_all()
