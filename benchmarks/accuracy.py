@@ -4,7 +4,10 @@ Runs, each with the same model, method, data, total examples and seed on both si
   1. Rotten Tomatoes, 4 clients, IID, LoRA: federated split and centralized;
   2. Rotten Tomatoes, 4 clients, Dirichlet alpha=0.5: federated split (the centralized run does not
      depend on the partition, so run 1's baseline applies);
-  3. strategyqa, 4 clients, IID: federated split and centralized.
+  3. strategyqa, 4 clients, IID: federated split and centralized;
+  4. Rotten Tomatoes IID with the shipped default privacy defence (the config as is), federated only.
+Runs 1-3 measure the split itself, so they turn the privacy defences off; run 4 measures what the
+default defence costs at the full budget.
 Writes benchmarks/results/accuracy.md and accuracy.json; each run's folder lands in runs/bench-*.
 
 Run: ``python benchmarks/accuracy.py`` (about an hour on 2 CPU cores), or
@@ -22,11 +25,13 @@ from silotune.config import load_config
 from silotune.report import machine, public
 from silotune.simulate import run
 
+NO_DEFENCE = ["privacy.h1_clip=null", "privacy.h1_noise=0", "privacy.grad_clip=null", "privacy.grad_noise=0"]
 RUNS = {
-    "rt_iid": ("configs/rotten_tomatoes.yaml", []),
+    "rt_iid": ("configs/rotten_tomatoes.yaml", NO_DEFENCE),
     "rt_dirichlet": ("configs/rotten_tomatoes.yaml", ["data.partition=dirichlet", "data.alpha=0.5",
-                                                      "centralized=false"]),
-    "strategyqa": ("configs/strategyqa.yaml", []),
+                                                      "centralized=false"] + NO_DEFENCE),
+    "strategyqa": ("configs/strategyqa.yaml", NO_DEFENCE),
+    "rt_iid_default_defence": ("configs/rotten_tomatoes.yaml", ["centralized=false"]),
 }
 
 
@@ -48,6 +53,7 @@ def main() -> None:
                 entry[side].pop("curve", None)
         entry["wall_seconds"] = time.perf_counter() - start
         entry["config"] = {"file": config, "overrides": overrides}
+        entry["defence"] = cfg.privacy.describe()
         results[name] = entry
         out_json.parent.mkdir(exist_ok=True)
         out_json.write_text(json.dumps(results, indent=2))
@@ -58,8 +64,8 @@ def main() -> None:
 def write_markdown(results: dict, path: Path) -> None:
     lines = ["# Federated split vs centralized accuracy (SmolLM2-135M-Instruct)", "",
              f"Machine: {machine()}. Command: `python benchmarks/accuracy.py`.", "",
-             "| run | task | partition | federated split | centralized | gap (points) | train examples each | "
-             "wire per client step |", "|---|---|---|---|---|---|---|---|"]
+             "| run | task | partition | privacy defence | federated split | centralized | gap (points) | "
+             "train examples each | wire per client step |", "|---|---|---|---|---|---|---|---|---|"]
     base = {}
     for name, r in results.items():
         fed = r["federated"]["metrics"]["accuracy"]
@@ -70,7 +76,8 @@ def write_markdown(results: dict, path: Path) -> None:
         partition = " ".join(o.split("=")[1] for o in r["config"]["overrides"] if o.startswith("data.")) or "iid"
         gap = f"{100 * (fed - cen_used):+.2f}" if cen_used is not None else "—"
         cen_txt = f"{cen:.4f}" if cen is not None else (f"({cen_used:.4f}, from the IID run)" if cen_used else "—")
-        lines.append(f"| {name} | {r['task']} | {partition} | {fed:.4f} | {cen_txt} | {gap} | "
+        defence = r.get("defence", "none")  # runs made before the defences existed had none
+        lines.append(f"| {name} | {r['task']} | {partition} | {defence} | {fed:.4f} | {cen_txt} | {gap} | "
                      f"{r['federated']['examples']} | {r['federated']['bytes_per_step'] / 1e6:.2f} MB |")
     sizes = ", ".join(f"{k}: {v['test_examples']}" for k, v in results.items())
     lines += ["", f"Test sets: {sizes} held-out examples (fixed-seed split).", ""]

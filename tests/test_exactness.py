@@ -117,3 +117,28 @@ def test_frozen_trunk_trains_only_client_side(tiny_dirs):
     _, _, _, params = split_step(tiny_dirs["llama"], 1, 1, adapters)
     n = 5
     assert params and all(".layers.0." in k or f".layers.{n - 1}." in k for k in params)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_kv_cache_runs_equal_the_full_run(tiny_dirs, arch, method):
+    """Tokens run in pieces through a KVCache (and tried after a shared prefix with ``select``)
+    give the outputs of one full run: what the search attack and split inference rely on."""
+    from silotune.adapters import apply_method
+    from silotune.models.partition import KVCache, load_stage
+
+    head = load_stage(tiny_dirs[arch], "head", 2, 1)
+    apply_method(head, AdapterSettings(method=method, prefix=PrefixSettings(length=3)), 0)
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(0))
+    full = head(ids, torch.full((3,), 9))
+    cache = KVCache()
+    first = head(ids[:, :5], torch.full((3,), 5), cache)
+    rest = head(ids[:, 5:], torch.full((3,), 4), cache)
+    assert cache.length == 9
+    assert torch.allclose(torch.cat([first, rest], 1), full, atol=TOL)
+    shared = KVCache()
+    head(ids[:, :5], torch.full((3,), 5), shared)
+    rows = torch.tensor([1, 1, 2])
+    tried = head(ids[rows, 5:6], torch.ones(3, dtype=torch.long), shared.select(rows))
+    assert torch.allclose(tried[:, 0], full[rows, 5], atol=TOL)
+    assert shared.length == 5  # trying candidates leaves the shared prefix as it was

@@ -35,9 +35,9 @@ def test_tied_full_model_shares_one_tensor(tiny_dirs):
     assert full.lm_head.weight is full.embed.weight
 
 
-@pytest.mark.parametrize("a,c", [(0, 1), (1, 0), (3, 2), (5, 5)])
+@pytest.mark.parametrize("a,c", [(-1, 1), (1, 0), (3, 2), (5, 5)])
 def test_impossible_partition(tiny_dirs, a, c):
-    with pytest.raises(ModelError, match="a \\+ c|at least 1"):
+    with pytest.raises(ModelError, match="a \\+ c|at least"):
         load_stage(tiny_dirs["llama"], "trunk", a, c)
 
 

@@ -78,6 +78,33 @@ def parser() -> argparse.ArgumentParser:
     config_args(cl, "YAML run configuration (the same file the server uses)")
     cl.add_argument("--id", type=int, required=True, help="this client's id (0..clients-1)")
 
+    au = sub.add_parser(
+        "audit", help="measure what a curious trunk server can rebuild of the clients' text, per defence",
+        description="Run a real federated training per defence with a tap on the server's side of the transport, "
+        "mount every attack a trunk operator can run on what it recorded (activations h1, gradients dL/dh2, "
+        "FedAvg payloads) at the start, middle and end of training, and write leakage and utility tables, a "
+        "leakage-vs-accuracy plot and a report (DIR/report.md). Results are saved after each defence; rerunning "
+        "resumes where it stopped.",
+        epilog="attacks: embedding (nearest embedding row), search (exact search with the public and the "
+        "aggregated head), learned (inversion model trained on public text), optimisation (input embeddings "
+        "optimised through the head), search+learned (search seeded by the learned model), gradient (labels or "
+        "targets from dL/dh2). Defences are named in the audit file (see configs/audit.yaml).")
+    au.add_argument("--config", required=True, help="audit YAML (base run config, defences, attack settings)")
+    au.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an audit key, e.g. --set victims=2 --set attack.learned.steps=100 (repeatable)")
+    au.add_argument("--run-set", dest="run_overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a run-config key for every audited run, e.g. --run-set train.steps=32 "
+                    "(repeatable)")
+    au.add_argument("--defences", help="comma-separated subset of the file's defences (default: all)")
+    au.add_argument("--attacks", help="comma-separated subset of: embedding, search, learned, optimisation, "
+                    "search+learned, gradient (default: the file's)")
+    au.add_argument("--points", help="comma-separated subset of start, middle, end (default: the file's)")
+    au.add_argument("--victims", type=int, help="number of clients whose recorded batches are attacked")
+    au.add_argument("--out", help="output folder (default: the file's output)")
+    au.add_argument("--fresh", action="store_true", help="ignore results stored in the output folder")
+    au.add_argument("--list", action="store_true", help="print the file's defences and attacks, then exit")
+    au.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     sub.add_parser("tasks", help="list the built-in tasks")
     return p
 
@@ -144,6 +171,43 @@ def cmd_client(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from pathlib import Path
+
+    from .audit.runner import run_audit
+    from .audit.settings import load_audit
+
+    overrides = list(args.overrides)
+    for flag in ("attacks", "points"):
+        value = getattr(args, flag)
+        if value:
+            overrides.append(f"{flag}=[{value}]")
+    if args.victims is not None:
+        overrides.append(f"victims={args.victims}")
+    audit = load_audit(args.config, overrides)
+    audit.set = [*audit.set, *args.run_overrides]
+    if args.defences:
+        wanted = [d.strip() for d in args.defences.split(",") if d.strip()]
+        unknown = [d for d in wanted if d not in audit.defences]
+        if unknown:
+            raise ConfigError(f"--defences: unknown defence {unknown[0]!r} (the file has: {', '.join(audit.defences)})")
+        audit.defences = {d: audit.defences[d] for d in wanted}
+    if args.list:
+        for name, settings in audit.defences.items():
+            print(f"{name:24s} {' '.join(settings) or '(no defence)'}")
+        print(f"attacks: {', '.join(audit.attacks)}; points: {', '.join(audit.points)}")
+        return 0
+    out = Path(args.out or audit.output)
+    command = "silotune " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("silotune") \
+        else f"silotune audit --config {args.config}"
+    result = run_audit(audit, out, command, progress=not args.no_progress, fresh=args.fresh)
+    rec = result["recommendation"]
+    print(f"audited {len(result['results'])} defence(s); report: {out}/report.md")
+    if rec["name"]:
+        print(f"recommended: {rec['name']} ({'target met' if rec['met'] else 'target NOT met'})")
+    return 0
+
+
 def cmd_tasks(args) -> int:
     from .data import BUILTIN_TASKS
 
@@ -163,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     commands = {"simulate": cmd_simulate, "fetch": cmd_fetch, "tasks": cmd_tasks, "keys": cmd_keys,
-                "server": cmd_server, "client": cmd_client}
+                "server": cmd_server, "client": cmd_client, "audit": cmd_audit}
     if args.command is None:
         parser().print_help()
         return 0

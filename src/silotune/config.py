@@ -18,6 +18,7 @@ import yaml
 from .adapters import AdapterSettings
 from .errors import ConfigError
 from .federation import SplitSettings
+from .privacy.defences import PrivacySettings
 from .train.optim import OptimSettings
 
 
@@ -37,7 +38,6 @@ class FederationSettings:
     clients: int = 4
     schedule: str = "sequential"
     local_steps: int = 10  # R: FedAvg every R local steps of each client
-    noise_std: float = 0.0
     wire_dtype: str = "fp32"
 
 
@@ -69,6 +69,7 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     federation: FederationSettings = field(default_factory=FederationSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
     centralized: bool = True
     output: str = "runs/latest"
@@ -89,6 +90,10 @@ def _coerce(value, tp, where: str):
         raise errors[0]
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{where} key"): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -103,6 +108,11 @@ def _coerce(value, tp, where: str):
     if tp in (int, str, bool) and type(value) is tp:
         return value
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def build(cls, data, where: str):
+    """A dataclass from a mapping, coercing and checking every value's type (unknown keys refused)."""
+    return _build(cls, data, where)
 
 
 def _build(cls, data, where: str):
@@ -137,33 +147,49 @@ def apply_override(data: dict, override: str) -> None:
     node[parts[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file, or one ConfigError line naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), two_part: bool = False) -> RunConfig:
+    """The run configuration of a YAML file plus ``key=value`` overrides, validated.
+
+    ``two_part`` admits ``split.head_blocks: 0`` (the client keeps only the embedding),
+    which only the privacy audit runs, as the baseline that shows why it must not."""
     data: dict = {}
     where = "config"
     if path is not None:
-        path = Path(path)
         where = str(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{path}{line}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+        data = read_yaml(path)
     for override in overrides:
         apply_override(data, override)
     config = _build(RunConfig, data, "")
-    validate(config, where)
+    validate(config, where, two_part)
     return config
 
 
-def validate(cfg: RunConfig, where: str) -> None:
+def validate(cfg: RunConfig, where: str, two_part: bool = False) -> None:
     def bad(key, msg):
         raise ConfigError(f"{where}: {key}: {msg}")
 
+    if cfg.split.head_blocks < (0 if two_part else 1):
+        bad("split.head_blocks", "must be at least 1: with 0 the client sends its raw token embeddings and the "
+            "server reads back every token (the audit runs a = 0 only as that baseline)")
+    if cfg.split.tail_blocks < 1:
+        bad("split.tail_blocks", "must be at least 1: the labels stay behind the client's tail blocks")
+    cfg.privacy.validate(bad)
     if cfg.federation.clients < 1:
         bad("federation.clients", "must be at least 1")
     if cfg.federation.local_steps < 1:

@@ -27,7 +27,6 @@ from .federation import build_client_parts, build_server
 from .models.loading import load_tokenizer, resolve_model
 from .protocol.codec import wire_dtype
 from .report import adapters_blob
-from .train.batching import BatchStream
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +101,7 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
 
 def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Path:
     """Train one data owner's head and tail against a remote trunk server; returns its adapters' path."""
-    from .simulate import budget, prepare_data
+    from .simulate import budget, client_stream, prepare_data
     from .transport.grpc_client import GrpcTransport
 
     keys = Path(cfg.deploy.keys)
@@ -121,9 +120,8 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
                               tls_client=(_read(keys / "clients" / f"client-{client_id}.crt"),
                                           _read(keys / "clients" / f"client-{client_id}.key"))
                               if cfg.deploy.tls and cfg.deploy.mutual_tls else None)
-    client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.federation.noise_std, cfg.train.seed)
-    stream = BatchStream([rows[i] for i in idx], cfg.train.batch_size, tok.pad_token_id,
-                         cfg.train.seed + 1 + client_id)
+    client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed)
+    stream = client_stream(cfg, tok, rows, idx, client_id)
     plan = budget(cfg)
     first_round = client.join()
     done = min(first_round * cfg.federation.local_steps, plan["steps_per_client"])

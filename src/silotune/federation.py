@@ -18,6 +18,7 @@ import torch
 from .adapters import AdapterSettings, apply_method, trained_layers
 from .client.runtime import SplitClient
 from .models.partition import load_stage
+from .privacy.defences import PrivacySettings
 from .server.trunk import TrunkServer
 from .train.optim import OptimSettings
 from .transport.base import Transport
@@ -53,7 +54,7 @@ def build_client_parts(model_dir: Path, split: SplitSettings, adapters: AdapterS
 
 def build_parties(model_dir: Path, split: SplitSettings, adapters: AdapterSettings, optim: OptimSettings,
                   n_clients: int, seed: int = 0, wire_dtype: torch.dtype = torch.float32,
-                  noise_std: float = 0.0,
+                  privacy: PrivacySettings | None = None,
                   connect: Callable[[TrunkServer], Transport] | None = None,
                   client_timeout: float | None = None) -> tuple[TrunkServer, list[SplitClient]]:
     server = build_server(model_dir, split, adapters, optim, n_clients, seed, client_timeout)
@@ -62,5 +63,5 @@ def build_parties(model_dir: Path, split: SplitSettings, adapters: AdapterSettin
     clients = []
     for i in range(n_clients):
         h, t = (head, tail) if i == n_clients - 1 else (copy.deepcopy(head), copy.deepcopy(tail))
-        clients.append(SplitClient(i, h, t, connect(server), optim, noise_std=noise_std, seed=seed))
+        clients.append(SplitClient(i, h, t, connect(server), optim, privacy=privacy, seed=seed))
     return server, clients

@@ -60,6 +60,8 @@ def markdown(cfg: RunConfig, r: dict) -> str:
              f"- data: {r['train_examples']} train / {r['test_examples']} test examples, "
              f"{cfg.federation.clients} clients, {cfg.data.partition} partition"
              + (f" (alpha {cfg.data.alpha})" if cfg.data.partition == "dirichlet" else ""),
+             f"- privacy defences on what leaves each client: {cfg.privacy.describe()} "
+             "(what the trunk server can still rebuild: `silotune audit`)",
              f"- budget: batch {cfg.train.batch_size}, {fed['rounds']} rounds of {cfg.federation.local_steps} "
              f"local steps per client; seed {cfg.train.seed}", "",
              "## Federated split vs centralized", "",

@@ -51,13 +51,25 @@ def shards(cfg: RunConfig, train) -> list[list[int]]:
     return partition_iid(len(train), n, cfg.train.seed)
 
 
-def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan, progress=True) -> dict:
+def client_stream(cfg: RunConfig, tok, rows, idx: list[int], client_id: int) -> BatchStream:
+    """Client ``client_id``'s endless batches over its shard ``idx``: the same in every process."""
+    return BatchStream([rows[i] for i in idx], cfg.train.batch_size, tok.pad_token_id,
+                       cfg.train.seed + 1 + client_id)
+
+
+def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan, progress=True,
+                  connect=None, streams=None) -> dict:
+    """The federation: real clients and trunk server over the in-process transport.
+
+    ``connect(server) -> Transport`` replaces the transport (the audit taps the server's
+    side of it) and ``streams`` the clients' batch streams (the audit records which
+    examples went into each step); neither changes what is computed."""
     seed = cfg.train.seed
     torch.manual_seed(seed)
     server, clients = build_parties(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients,
-                                    seed, wire_dtype(cfg.federation.wire_dtype), cfg.federation.noise_std)
-    streams = [BatchStream([rows[i] for i in idx], cfg.train.batch_size, tok.pad_token_id, seed + 1 + k)
-               for k, idx in enumerate(parts)]
+                                    seed, wire_dtype(cfg.federation.wire_dtype), cfg.privacy, connect)
+    if streams is None:
+        streams = [client_stream(cfg, tok, rows, idx, k) for k, idx in enumerate(parts)]
     curve, client_losses = [], [[] for _ in clients]
     start = time.perf_counter()
     bar = tqdm(total=plan["centralized_steps"], desc="federated", disable=not progress, unit="step")

@@ -1,8 +1,9 @@
 """The client runtime: a data owner's head and tail, its optimizer, and one split step.
 
-Tokens and labels never leave this object: only the head's output ``h1`` (optionally
-with Gaussian noise), per-sample lengths and the tail's gradient ``dL/dh2`` go to the
-server, through whatever transport the client was given.
+Tokens and labels never leave this object: only the head's output ``h1``, per-sample
+lengths and the tail's gradient ``dL/dh2`` go to the server, through whatever transport
+the client was given, each after the client's privacy defences (``privacy.defences``:
+clipping and noise) have been applied.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 from ..adapters import load_trainable_state, trainable_state
 from ..errors import ProtocolError
 from ..models.partition import Stage
+from ..privacy.defences import ClientDefence, PrivacySettings
 from ..protocol.messages import Aggregation, Control, ForwardActivations, Gradients, ReturnedActivations
+from ..train.batching import drop_last_token
 from ..train.loss import lm_loss
 from ..train.optim import OptimSettings, Stepper, trainable
 from ..transport.base import Transport
@@ -24,24 +27,20 @@ log = logging.getLogger(__name__)
 
 class SplitClient:
     def __init__(self, client_id: int, head: Stage, tail: Stage, transport: Transport,
-                 optim: OptimSettings, noise_std: float = 0.0, seed: int = 0):
+                 optim: OptimSettings, privacy: PrivacySettings | None = None, seed: int = 0):
         self.id = client_id
         self.head, self.tail = head, tail
         if getattr(head.config, "tie_word_embeddings", False):
             tail.lm_head.weight = head.embed.weight  # one tensor, as in the unsplit model
         self.transport = transport
         self.stepper = Stepper(trainable(head, tail), optim)
-        self.noise_std = noise_std
-        self.noise_gen = torch.Generator().manual_seed(seed * 1000 + client_id)
+        self.defence = ClientDefence(privacy, seed * 1000 + client_id)
         self.step = 0
         self.examples_seen = 0
 
     # ---- one U-shaped split step ----
     def _head(self, batch) -> torch.Tensor:
-        h1 = self.head(batch["input_ids"], batch["lengths"])
-        if self.noise_std:
-            h1 = h1 + torch.randn(h1.shape, generator=self.noise_gen) * self.noise_std
-        return h1
+        return self.defence.activations(self.head(batch["input_ids"], batch["lengths"]), batch["lengths"])
 
     def _expect(self, reply, cls):
         if not isinstance(reply, cls):
@@ -63,14 +62,16 @@ class SplitClient:
     def _train_step(self, batch) -> float:
         self.step += 1
         self.stepper.zero_grad()
-        h1 = self._head(batch)
+        sent = drop_last_token(batch)  # the last token predicts nothing: never send it
+        h1 = self._head(sent)
         reply = self._expect(self.transport.call(
-            ForwardActivations(self.id, self.step, hidden=h1.detach(), lengths=batch["lengths"])),
+            ForwardActivations(self.id, self.step, hidden=h1.detach(), lengths=sent["lengths"])),
             ReturnedActivations)
         h2 = reply.hidden.detach().requires_grad_(True)
-        loss = lm_loss(self.tail(h2, batch["lengths"]), batch["labels"])
+        loss = lm_loss(self.tail(h2, sent["lengths"]), batch["labels"])
         loss.backward()
-        reply = self._expect(self.transport.call(Gradients(self.id, self.step, grad=h2.grad)), Gradients)
+        grad = self.defence.gradients(h2.grad, sent["lengths"])
+        reply = self._expect(self.transport.call(Gradients(self.id, self.step, grad=grad)), Gradients)
         if h1.requires_grad:
             h1.backward(reply.grad.to(h1.dtype))
         self.stepper.step()

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 
 
-def positions(lengths: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """Position ids (B, T): 0..T-1 for every sample (right padding keeps them aligned)."""
-    return torch.arange(seq_len, device=lengths.device).unsqueeze(0).expand(lengths.shape[0], -1)
+def positions(lengths: torch.Tensor, seq_len: int, past: int = 0) -> torch.Tensor:
+    """Position ids (B, T): past..past+T-1 for every sample (right padding keeps them aligned)."""
+    return torch.arange(past, past + seq_len, device=lengths.device).unsqueeze(0).expand(lengths.shape[0], -1)
 
 
 def additive_mask(
@@ -20,21 +20,23 @@ def additive_mask(
     dtype: torch.dtype,
     prefix_len: int = 0,
     window: int | None = None,
+    past: int = 0,
 ) -> torch.Tensor:
-    """Float mask (B, 1, T, P+T): 0 where query i may attend key j, dtype-min elsewhere.
+    """Float mask (B, 1, T, P+S+T): 0 where query i may attend key j, dtype-min elsewhere.
 
-    Keys are ``prefix_len`` always-visible prefix slots followed by the T tokens; token
-    keys are visible when causal (j <= i), inside the window (i - j < window) and not
-    padding (j < length). Every query row keeps at least one visible key, so padded rows
-    never produce NaNs.
+    Keys are ``prefix_len`` always-visible prefix slots, then ``past`` cached tokens (at
+    positions 0..S-1, all real), then the T new tokens at positions S..S+T-1; token keys
+    are visible when causal (j <= i), inside the window (i - j < window) and not padding
+    (j < S + length). Every query row keeps at least one visible key, so padded rows never
+    produce NaNs.
     """
     device = lengths.device
-    q = torch.arange(seq_len, device=device)[:, None]
-    k = torch.arange(seq_len, device=device)[None, :]
+    q = torch.arange(past, past + seq_len, device=device)[:, None]
+    k = torch.arange(past + seq_len, device=device)[None, :]
     allowed = k <= q
     if window is not None:
         allowed = allowed & (q - k < window)
-    allowed = allowed[None] & (k[None] < lengths.view(-1, 1, 1))  # (B, T, T)
+    allowed = allowed[None] & (k[None] < past + lengths.view(-1, 1, 1))  # (B, T, S+T)
     if prefix_len:
         prefix = torch.ones(lengths.shape[0], seq_len, prefix_len, dtype=torch.bool, device=device)
         allowed = torch.cat([prefix, allowed], dim=-1)

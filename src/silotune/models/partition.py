@@ -26,6 +26,40 @@ from .arch import ArchSpec, arch_for, num_layers, sliding_window
 PARTS = ("head", "trunk", "tail", "full")
 
 
+class KVCache:
+    """Keys and values of the tokens a stage has already run, per layer, for incremental runs.
+
+    Passed as ``cache`` to ``Stage.forward``: new tokens take positions after the cached
+    ones, attend to all of them, and are appended. ``select`` picks (or repeats) batch rows
+    into a new cache, e.g. to try several next tokens after one shared prefix.
+    """
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, length: int = 0):
+        self.kv = kv or {}
+        self.length = length  # cached tokens (the same for every row)
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        if layer_idx in self.kv:
+            old_k, old_v = self.kv[layer_idx]
+            keys, values = torch.cat([old_k, keys], dim=2), torch.cat([old_v, values], dim=2)
+        self.kv[layer_idx] = (keys, values)
+        return keys, values
+
+    def select(self, index: torch.Tensor) -> KVCache:
+        return KVCache({i: (k[index], v[index]) for i, (k, v) in self.kv.items()}, self.length)
+
+
+class _PrefixThenCache:
+    """P-tuning prefix slots in front of the cached and new tokens."""
+
+    def __init__(self, prefix: PrefixKV, cache: KVCache):
+        self.prefix, self.cache = prefix, cache
+
+    def update(self, keys, values, layer_idx, *args, **kwargs):
+        keys, values = self.cache.update(keys, values, layer_idx)
+        return self.prefix.update(keys, values, layer_idx)
+
+
 class PrefixKV:
     """Per-layer prefix key/values, offered to HF attention layers through the cache API.
 
@@ -83,25 +117,37 @@ class Stage(nn.Module):
     def layer_ids(self) -> range:
         return range(self.start, self.stop)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """ids (B, T) if the stage owns the embedding, else hidden (B, T, H) -> hidden or logits."""
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, cache: KVCache | None = None,
+                project: bool = True) -> torch.Tensor:
+        """hidden (B, T, H) -> hidden or logits. A stage that owns the embedding takes token ids
+        (B, T), or input embeddings (B, T, H) in their place (an attacker optimising inputs).
+        With a ``cache`` the tokens continue the cached ones and are appended to it. With
+        ``project=False`` a stage with the LM head stops at the final norm's output."""
         seq_len = x.shape[1]
-        pos = masks.positions(lengths, seq_len)
+        past = cache.length if cache is not None else 0
+        pos = masks.positions(lengths, seq_len, past)
         h = x
         if self.embed is not None:
-            h = self.embed(x)
+            h = x if x.is_floating_point() else self.embed(x)
             if self.pos_embed is not None:
                 h = h + self.pos_embed(pos)
             if self.embed_dropout is not None:
                 h = self.embed_dropout(h)
         if len(self.blocks):
-            h = self._run_blocks(h, lengths, pos)
+            h = self._run_blocks(h, lengths, pos, cache)
+        if cache is not None:
+            cache.length += seq_len
         if self.lm_head is not None:
-            h = self.lm_head(self.norm(h))
+            h = self.norm(h)
+            if project:
+                h = self.lm_head(h)
         return h
 
-    def _run_blocks(self, h, lengths, pos):
+    def _run_blocks(self, h, lengths, pos, kv_cache: KVCache | None = None):
+        past = kv_cache.length if kv_cache is not None else 0
         cache = self.prefix.kv(h.dtype) if self.prefix is not None else None
+        if kv_cache is not None:
+            cache = kv_cache if cache is None else _PrefixThenCache(cache, kv_cache)
         kwargs = {}
         if self.rotary is not None:
             kwargs = {"position_ids": pos, "position_embeddings": self.rotary(h, pos)}
@@ -109,7 +155,7 @@ class Stage(nn.Module):
         for i, block in zip(self.layer_ids(), self.blocks):
             key = (sliding_window(self.config, i), self.prefix.length_at(i) if self.prefix is not None else 0)
             if key not in mask_cache:
-                mask_cache[key] = masks.additive_mask(lengths, h.shape[1], h.dtype, key[1], key[0])
+                mask_cache[key] = masks.additive_mask(lengths, h.shape[1], h.dtype, key[1], key[0], past)
             out = block(h, attention_mask=mask_cache[key], past_key_values=cache, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         return h
@@ -121,8 +167,8 @@ def part_range(config, part: str, a: int, c: int) -> tuple[int, int, bool, bool]
     if part not in PARTS:
         raise ModelError(f"unknown part {part!r}: expected one of {', '.join(PARTS)}")
     if part != "full":
-        if a < 1 or c < 1:
-            raise ModelError(f"client blocks must be at least 1 on each side (got a={a}, c={c})")
+        if a < 0 or c < 1:  # a = 0 (embedding-only head) is the two-part split the audit measures
+            raise ModelError(f"client blocks: a must be at least 0 and c at least 1 (got a={a}, c={c})")
         if a + c >= n:
             raise ModelError(
                 f"a + c = {a + c} leaves no trunk: the model has {n} blocks, so a + c must be at most {n - 1}")

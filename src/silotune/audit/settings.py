@@ -1,0 +1,78 @@
+"""The audit's configuration: which run to audit, which defences, which attacks.
+
+A YAML file maps one-to-one onto ``AuditConfig``. ``base`` names a run configuration
+(relative to the audit file), ``set`` overrides it for every audited run, and each entry
+of ``defences`` is a name and the overrides that make that defence (``[]`` for none).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import apply_override, build, read_yaml
+from ..errors import ConfigError
+from .gradient_inversion import GradientSettings
+from .learned_inversion import LearnedSettings
+from .optimisation_inversion import OptimisationSettings
+
+ATTACKS = ("embedding", "search", "learned", "optimisation", "search+learned", "gradient")
+POINTS = ("start", "middle", "end")
+
+
+@dataclass
+class SearchSettings:
+    shortlist: int = 64  # candidates per position from the head's context-free token signatures
+    learned_shortlist: int = 32  # extra candidates from the learned model (search+learned)
+
+
+@dataclass
+class AttackSettings:
+    search: SearchSettings = field(default_factory=SearchSettings)
+    learned: LearnedSettings = field(default_factory=LearnedSettings)
+    optimisation: OptimisationSettings = field(default_factory=OptimisationSettings)
+    gradient: GradientSettings = field(default_factory=GradientSettings)
+
+
+@dataclass
+class AuditConfig:
+    base: str = "rotten_tomatoes.yaml"
+    set: list[str] = field(default_factory=list)
+    defences: dict[str, list[str]] = field(default_factory=lambda: {"none": []})
+    attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    points: list[str] = field(default_factory=lambda: list(POINTS))
+    victims: int = 1  # clients whose recorded batches are attacked
+    aux_examples: int = 2000  # public auxiliary examples (disjoint from every client's data)
+    attack: AttackSettings = field(default_factory=AttackSettings)
+    target_rougeL: float = 0.20  # the recommendation's leakage target (best attack's ROUGE-L F1)
+    max_accuracy_drop: float = 1.5  # the recommendation's utility budget (points below the undefended run)
+    reference: str = "none"  # the undefended defence the others are compared with
+    output: str = "runs/audit"
+    base_path: Path | None = None  # resolved path of ``base`` (set by the loader)
+
+
+def load_audit(path: str | Path, overrides: list[str] = ()) -> AuditConfig:
+    path = Path(path)
+    data = read_yaml(path)
+    for override in overrides:
+        apply_override(data, override)
+    if "base_path" in data:
+        raise ConfigError(f"{path}: base_path is set by SiloTune; use base")
+    cfg = build(AuditConfig, data, "")
+    where = str(path)
+    cfg.base_path = (path.parent / cfg.base).resolve()
+    if not cfg.base_path.is_file():
+        raise ConfigError(f"{where}: base: run configuration {cfg.base_path} not found")
+    unknown = [a for a in cfg.attacks if a not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"{where}: attacks: unknown attack {unknown[0]!r} (known: {', '.join(ATTACKS)})")
+    bad_points = [p for p in cfg.points if p not in POINTS]
+    if bad_points or not cfg.points:
+        raise ConfigError(f"{where}: points: choose from {', '.join(POINTS)}")
+    if not cfg.defences:
+        raise ConfigError(f"{where}: defences: name at least one (e.g. none: [])")
+    if cfg.victims < 1:
+        raise ConfigError(f"{where}: victims: must be at least 1")
+    if cfg.aux_examples < 1:
+        raise ConfigError(f"{where}: aux_examples: must be at least 1")
+    return cfg
