@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models.masks import valid_mask
 from ..models.partition import Stage
 
 
@@ -45,7 +46,7 @@ def infer_labels(tail: Stage, h2: torch.Tensor, grad: torch.Tensor, lengths: tor
     """Per sequence, the index of the label whose simulated gradient best matches ``grad``;
     and the (B, K) cosine scores."""
     batch, width = h2.shape[:2]
-    valid = (torch.arange(width)[None, :] < lengths[:, None]).unsqueeze(-1).float()
+    valid = valid_mask(lengths, width).unsqueeze(-1).float()
     scores = []
     for ids in choices:
         x = h2.detach().float().clone().requires_grad_(True)

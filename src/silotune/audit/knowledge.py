@@ -19,6 +19,7 @@ import torch
 
 from ..adapters import apply_method, load_trainable_state, trained_layers
 from ..config import RunConfig
+from ..models.masks import valid_mask
 from ..models.partition import Stage, load_stage
 from ..privacy.defences import clip_rows, defend_activations
 
@@ -74,7 +75,7 @@ class AttackerKnowledge:
         p, hidden = self.privacy, h1.shape[-1]
         shrink = (1 + p.h1_noise ** 2) ** 0.5
         if p.h1_noise and p.h1_noise_scale == "dimension" and not p.h1_clip:
-            valid = torch.arange(h1.shape[1])[None, :] < lengths[:, None]
+            valid = valid_mask(lengths, h1.shape[1])
             per_dim = h1[valid].float().std(0, unbiased=False)
 
         def std(observed: torch.Tensor) -> torch.Tensor:

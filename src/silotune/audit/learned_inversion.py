@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..models.masks import valid_mask
 from ..models.partition import Stage
 from ..train.batching import collate
 from .knowledge import AttackerKnowledge
@@ -102,7 +103,7 @@ def train_inverter(knowledge: AttackerKnowledge, settings: LearnedSettings, head
     for _ in tqdm(range(settings.steps), desc="learned inversion", disable=not progress, leave=False):
         batch = data[int(torch.randint(len(data), (1,), generator=rng))]
         h1 = knowledge.defend(batch["h1"], batch["lengths"])  # fresh noise every time
-        valid = torch.arange(h1.shape[1])[None, :] < batch["lengths"][:, None]
+        valid = valid_mask(batch["lengths"], h1.shape[1])
         targets = batch["ids"][valid]
         negatives = torch.randint(vocab, (settings.negatives,), generator=rng)
         ids, inverse = torch.unique(torch.cat([targets, negatives]), return_inverse=True)

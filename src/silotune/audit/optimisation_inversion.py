@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..models.masks import valid_mask
 from ..models.partition import Stage
 
 
@@ -32,7 +33,7 @@ def optimise_invert(head: Stage, h1: torch.Tensor, lengths: torch.Tensor, embedd
     mean embedding everywhere."""
     transform = transform or (lambda x: x)
     embedding = embedding.float()
-    valid = (torch.arange(h1.shape[1])[None, :] < lengths[:, None]).float()
+    valid = valid_mask(lengths, h1.shape[1]).float()
     target = h1.float()
     weight = valid / (target.pow(2).sum(-1) + 1e-6)
     if init is None:

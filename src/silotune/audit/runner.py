@@ -30,6 +30,7 @@ from ..config import RunConfig, load_config, to_dict
 from ..data import load_task
 from ..errors import ConfigError
 from ..models.loading import load_tokenizer, resolve_model
+from ..models.masks import valid_mask
 from ..privacy.accounting import release_epsilon
 from ..protocol.codec import wire_dtype
 from ..simulate import budget, client_stream, prepare_data, run_federated
@@ -86,7 +87,7 @@ def truth_of(tok, task, cfg: RunConfig, batch: dict, rows: list[int], sent: torc
         mask = private_mask(tok, task.spec.template, task.train[g], cfg.data.max_length, add_eos)
         private[i, :len(mask)] = torch.tensor(mask)
     if sent is not None:
-        private &= torch.arange(private.shape[1])[None, :] < sent[:, None]
+        private &= valid_mask(sent, private.shape[1])
     return Truth(batch["input_ids"], batch["lengths"], private, [task.train[g].label for g in rows],
                  [encode_target(tok, task.train[g].target, cfg.data.max_length, add_eos) for g in rows])
 
@@ -245,7 +246,7 @@ def audit_defence(audit: AuditConfig, name: str, overrides: list[str], progress:
     knowledge = AttackerKnowledge(model_dir, cfg, tok, aux_ids, aux_labels)
     attacked = mount_attacks(audit, cfg, knowledge, tap, observations, task, progress)
     records = [r for _, r, _ in observations]
-    valid = [torch.arange(r.h1.shape[1])[None, :] < r.lengths[:, None] for r in records]
+    valid = [valid_mask(r.lengths, r.h1.shape[1]) for r in records]
     h1_norms = torch.cat([r.h1.norm(dim=-1)[v] for r, v in zip(records, valid)])
     grad_norms = torch.cat([r.grad.flatten(1).norm(dim=-1) for r in records if r.grad is not None])
     uses = max(math.ceil(plan["steps_per_client"] * cfg.train.batch_size / len(p)) for p in parts)

@@ -9,6 +9,11 @@ from __future__ import annotations
 import torch
 
 
+def valid_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, T) True on each sequence's real (non-padding) positions."""
+    return torch.arange(width, device=lengths.device)[None, :] < lengths[:, None]
+
+
 def positions(lengths: torch.Tensor, seq_len: int, past: int = 0) -> torch.Tensor:
     """Position ids (B, T): past..past+T-1 for every sample (right padding keeps them aligned)."""
     return torch.arange(past, past + seq_len, device=lengths.device).unsqueeze(0).expand(lengths.shape[0], -1)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..models.masks import valid_mask
+
 
 @dataclass
 class PrivacySettings:
@@ -73,11 +75,6 @@ class PrivacySettings:
         if self.grad_noise:
             parts.append(f"dL/dh2 noise {self.grad_noise:g}")
         return ", ".join(parts) or "none"
-
-
-def valid_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
-    """(B, T) True on each sequence's real positions."""
-    return torch.arange(width)[None, :] < lengths[:, None]
 
 
 def dimension_std(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
