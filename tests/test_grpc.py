@@ -137,7 +137,7 @@ def test_wrong_shape_is_rejected_with_a_clear_error(live):
     dep, server, clients = live
     with pytest.raises(ProtocolError, match="activations must be"):
         clients[0].transport.call(ForwardActivations(0, 1, hidden=torch.zeros(1, 2, 7), lengths=torch.tensor([2])))
-    assert dep.servicer.rejected["protocol"] == 1
+    assert dep.servicer.refusals()["shape"] == 1
     clients[0].train_step(batches(1)[0])
     assert server.steps == 1
 

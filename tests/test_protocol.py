@@ -49,7 +49,7 @@ def fwd(client=0, step=1, shape=(2, 4, 32), lengths=(4, 2)):
     (fwd(lengths=(4,)), "lengths must be"),
     (ForwardActivations(0, 1, hidden=torch.ones(2, 4, 32, dtype=torch.long), lengths=torch.tensor([4, 2])),
      "floating point"),
-    (Gradients(0, 1, grad=torch.randn(2, 4, 32)), "without a forward"),
+    (Gradients(0, 1, grad=torch.randn(2, 4, 32)), "no forward pass pending"),
     (Control(0, 1, command="dance"), "unexpected control"),
 ])
 def test_server_rejects(server, msg, match):
@@ -59,11 +59,11 @@ def test_server_rejects(server, msg, match):
 
 def test_server_rejects_wrong_step_and_shape_then_keeps_serving(server):
     server.handle(fwd())
-    with pytest.raises(ProtocolError, match="pending step"):
+    with pytest.raises(ProtocolError, match="no forward pass pending"):
         server.handle(Gradients(0, 2, grad=torch.randn(2, 4, 32)))
-    with pytest.raises(ProtocolError, match="gradient must be"):
+    with pytest.raises(ProtocolError, match="gradient must"):
         server.handle(Gradients(0, 1, grad=torch.randn(2, 3, 32)))
-    with pytest.raises(ProtocolError, match="gradient must be"):
+    with pytest.raises(ProtocolError, match="gradient must"):
         server.handle(Gradients(0, 1, grad=torch.ones(2, 4, 32, dtype=torch.long)))
     reply = server.handle(Gradients(0, 1, grad=torch.randn(2, 4, 32)))
     assert reply.grad.shape == (2, 4, 32) and server.steps == 1

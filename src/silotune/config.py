@@ -19,6 +19,8 @@ from .adapters import AdapterSettings
 from .errors import ConfigError
 from .federation import SplitSettings
 from .privacy.defences import PrivacySettings
+from .server.aggregation import AggregationSettings
+from .server.boundary import BoundarySettings
 from .train.optim import OptimSettings
 
 
@@ -55,9 +57,16 @@ class DeploySettings:
     address: str = "127.0.0.1:50051"  # where the server listens and clients connect
     keys: str = "keys"  # folder written by 'silotune keys'
     tls: bool = True
-    mutual_tls: bool = False  # also require a client certificate signed by the deployment CA
-    client_timeout: float = 120.0  # seconds a client may hold its turn before it is dropped
+    mutual_tls: bool = True  # also require a client certificate signed by the deployment CA
+    client_timeout: float = 120.0  # seconds a turn lasts (from when it is granted) before its holder is dropped
     poll_seconds: float = 0.05  # how often a client asks whether the round's average is ready
+    grace_seconds: float = 600.0  # the server ends once every client finished or was gone this long
+    auth_seconds: float = 10.0  # a call must name a live session (or finish its handshake) within this
+    receive_seconds: float = 300.0  # a whole request must arrive within this after authenticating
+    max_pending_per_peer: int = 4  # calls one connection may have open before authenticating
+    max_pending: int = 16  # calls all connections together may have open before authenticating
+    handshake_window: float = 300.0  # seconds a signed handshake hello stays valid (clock skew allowed)
+    allow_insecure_keys: bool = False  # only warn (instead of refusing) on private key files group/others can read
 
 
 @dataclass
@@ -70,6 +79,8 @@ class RunConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     train: TrainSettings = field(default_factory=TrainSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    aggregation: AggregationSettings = field(default_factory=AggregationSettings)
+    boundary: BoundarySettings = field(default_factory=BoundarySettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
     centralized: bool = True
     output: str = "runs/latest"
@@ -190,6 +201,15 @@ def validate(cfg: RunConfig, where: str, two_part: bool = False) -> None:
     if cfg.split.tail_blocks < 1:
         bad("split.tail_blocks", "must be at least 1: the labels stay behind the client's tail blocks")
     cfg.privacy.validate(bad)
+    cfg.aggregation.validate(bad)
+    cfg.boundary.validate(bad)
+    for key in ("client_timeout", "grace_seconds", "auth_seconds", "receive_seconds", "handshake_window",
+                "poll_seconds"):
+        if getattr(cfg.deploy, key) <= 0:
+            bad(f"deploy.{key}", "must be positive")
+    for key in ("max_pending_per_peer", "max_pending"):
+        if getattr(cfg.deploy, key) < 1:
+            bad(f"deploy.{key}", "must be at least 1")
     if cfg.federation.clients < 1:
         bad("federation.clients", "must be at least 1")
     if cfg.federation.local_steps < 1:

@@ -12,6 +12,7 @@ The server and the clients run the same runtimes as the simulation (``federation
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -22,11 +23,12 @@ from .client.runtime import SplitClient
 from .config import RunConfig
 from .crypto import Identity, load_enrollment, save_enrollment
 from .crypto.certs import make_tls
-from .crypto.identity import CryptoError
-from .federation import build_client_parts, build_server
+from .crypto.identity import CryptoError, read_private_key
+from .federation import build_client_parts, build_server, run_limits
 from .models.loading import load_tokenizer, resolve_model
 from .protocol.codec import wire_dtype
 from .report import adapters_blob
+from .server import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
@@ -68,34 +70,57 @@ def server_public(keys: Path) -> bytes:
 
 
 def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Path:
-    """Run the trunk server until every client has finished; returns the trunk adapters' path.
+    """Run the trunk server until every client has finished or been gone longer than
+    ``deploy.grace_seconds``; writes the trunk adapters and ``summary.json`` (who finished, who
+    dropped, refusals by reason) and returns the adapters' path.
 
     It resumes from ``OUTPUT/server/checkpoint.pt`` when one exists (unless ``fresh``)."""
+    from .transport.admission import AdmissionSettings
     from .transport.grpc_server import SiloTuneServicer, start_server
 
     keys = Path(cfg.deploy.keys)
-    identity = Identity.load(keys / "server" / "identity.pem")
+    identity = Identity.load(keys / "server" / "identity.pem", allow_insecure=cfg.deploy.allow_insecure_keys)
     enrolled = load_enrollment(keys / "server" / "enrolled.json")
     model_dir = resolve_model(cfg.model)
     checkpoint = Path(cfg.output) / "server" / "checkpoint.pt"
     if fresh:
-        checkpoint.unlink(missing_ok=True)
+        ckpt.remove(checkpoint)  # and checkpoint.pt.prev
     trunk = build_server(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients, cfg.train.seed,
-                         cfg.deploy.client_timeout, checkpoint)
-    servicer = SiloTuneServicer(trunk, identity, enrolled, wire_dtype(cfg.federation.wire_dtype))
-    tls = (_read(keys / "server" / "tls.crt"), _read(keys / "server" / "tls.key")) if cfg.deploy.tls else None
+                         cfg.deploy.client_timeout, checkpoint, limits=run_limits(cfg), aggregation=cfg.aggregation)
+    d = cfg.deploy
+    admission = AdmissionSettings(auth_seconds=d.auth_seconds, receive_seconds=d.receive_seconds,
+                                  per_peer=d.max_pending_per_peer, total=d.max_pending)
+    servicer = SiloTuneServicer(trunk, identity, enrolled, wire_dtype(cfg.federation.wire_dtype),
+                                max_message_bytes=trunk.max_message_bytes(), admission=admission,
+                                handshake_window=d.handshake_window)
+    tls = (_read(keys / "server" / "tls.crt"),
+           read_private_key(keys / "server" / "tls.key", cfg.deploy.allow_insecure_keys)) if cfg.deploy.tls else None
     client_ca = _read(keys / "ca.crt") if cfg.deploy.tls and cfg.deploy.mutual_tls else None
-    server, port = start_server(servicer, address or cfg.deploy.address, tls, client_ca=client_ca)
+    if not client_ca:
+        log.warning("mutual TLS is off: anyone who can reach %s can open calls (they are still refused before "
+                    "any work is done for them); set deploy.mutual_tls: true to refuse them at the TLS layer",
+                    address or d.address)
+    server, port = start_server(servicer, address or d.address, tls, client_ca=client_ca)
     channel = ("mutual TLS + " if client_ca else "TLS + ") if tls else ""
     print(f"silotune server listening on port {port} ({channel}AEAD), "
           f"waiting for {cfg.federation.clients} clients", flush=True)
     try:
-        trunk.finished.wait()
+        while not trunk.finished.wait(0.5):
+            if trunk.finished_or_gone(d.grace_seconds):
+                break
     finally:
         server.stop(grace=2)
+        servicer.close()
     out = Path(cfg.output) / "server" / "trunk.safetensors"
     atomic_write(out, adapters_blob([trunk.trunk], cfg.adapters.method))
-    print(f"all clients finished; {trunk.steps} trunk steps; rejected: {dict(servicer.rejected) or 'none'}")
+    presence = trunk.presence.report(d.grace_seconds)
+    refused = servicer.refusals()
+    summary = {"trunk_steps": trunk.steps, "rounds": trunk.aggregator.latest()[0] + 1, **presence,
+               "turns_expired": trunk.schedule.dropped, "refused": refused}
+    atomic_write(Path(cfg.output) / "server" / "summary.json", json.dumps(summary, indent=2) + "\n")
+    ended = "all clients finished" if not presence["dropped"] else \
+        f"clients {presence['dropped']} dropped (gone > {d.grace_seconds:.0f}s), the others finished"
+    print(f"{ended}; {trunk.steps} trunk steps; rejected: {refused or 'none'}", flush=True)
     return out
 
 
@@ -107,7 +132,7 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
     keys = Path(cfg.deploy.keys)
     if not 0 <= client_id < cfg.federation.clients:
         raise CryptoError(f"client id {client_id} outside 0..{cfg.federation.clients - 1}")
-    identity = Identity.load(keys / "clients" / f"client-{client_id}.pem")
+    identity = Identity.load(keys / "clients" / f"client-{client_id}.pem", cfg.deploy.allow_insecure_keys)
     model_dir = resolve_model(cfg.model)
     tok = load_tokenizer(model_dir)
     task, rows, parts = prepare_data(cfg, tok)
@@ -118,7 +143,8 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
                               tls_root=_read(keys / "ca.crt") if cfg.deploy.tls else None,
                               wire_dtype=wire_dtype(cfg.federation.wire_dtype),
                               tls_client=(_read(keys / "clients" / f"client-{client_id}.crt"),
-                                          _read(keys / "clients" / f"client-{client_id}.key"))
+                                          read_private_key(keys / "clients" / f"client-{client_id}.key",
+                                                           cfg.deploy.allow_insecure_keys))
                               if cfg.deploy.tls and cfg.deploy.mutual_tls else None)
     client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed)
     stream = client_stream(cfg, tok, rows, idx, client_id)
@@ -129,7 +155,7 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
         print(f"client {client_id}: joining at round {first_round} (latest average loaded)", flush=True)
         for _ in range(done):  # skip the batches of the rounds already averaged
             next(stream)
-    for event, value in client_run(client, stream, plan["steps_per_client"], cfg.federation.local_steps, len(idx),
+    for event, value in client_run(client, stream, plan["steps_per_client"], cfg.federation.local_steps,
                                    first_round, done):
         if event == "step":
             print(f"client {client_id} step {client.step} loss {value:.4f}", flush=True)

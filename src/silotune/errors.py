@@ -19,3 +19,7 @@ class ModelError(SiloTuneError):
 
 class ProtocolError(SiloTuneError):
     """A message that breaks the client-server protocol (wrong type, shape, dtype, order)."""
+
+
+class StepAborted(ProtocolError):
+    """The server dropped this client's step (its turn expired, or the server restarted): redo the step."""

@@ -23,7 +23,7 @@ from .config import RunConfig
 from .data import load_task, partition_dirichlet, partition_iid
 from .errors import ConfigError
 from .eval.loop import evaluate
-from .federation import build_parties
+from .federation import build_parties, run_limits
 from .models.loading import load_tokenizer, resolve_model
 from .models.partition import load_stage
 from .protocol.codec import wire_dtype
@@ -67,14 +67,15 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
     seed = cfg.train.seed
     torch.manual_seed(seed)
     server, clients = build_parties(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients,
-                                    seed, wire_dtype(cfg.federation.wire_dtype), cfg.privacy, connect)
+                                    seed, wire_dtype(cfg.federation.wire_dtype), cfg.privacy, connect,
+                                    limits=run_limits(cfg), aggregation=cfg.aggregation)
     if streams is None:
         streams = [client_stream(cfg, tok, rows, idx, k) for k, idx in enumerate(parts)]
     curve, client_losses = [], [[] for _ in clients]
     start = time.perf_counter()
     bar = tqdm(total=plan["centralized_steps"], desc="federated", disable=not progress, unit="step")
-    runs = {c.id: client_run(c, stream, plan["steps_per_client"], cfg.federation.local_steps, len(idx))
-            for c, stream, idx in zip(clients, streams, parts)}
+    runs = {c.id: client_run(c, stream, plan["steps_per_client"], cfg.federation.local_steps)
+            for c, stream in zip(clients, streams)}
     while runs:  # round-robin: the sequential schedule, one client step at a time
         for cid in list(runs):
             try:

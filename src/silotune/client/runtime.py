@@ -13,7 +13,7 @@ import logging
 import torch
 
 from ..adapters import load_trainable_state, trainable_state
-from ..errors import ProtocolError
+from ..errors import ProtocolError, StepAborted
 from ..models.partition import Stage
 from ..privacy.defences import ClientDefence, PrivacySettings
 from ..protocol.messages import Aggregation, Control, ForwardActivations, Gradients, ReturnedActivations
@@ -23,6 +23,13 @@ from ..train.optim import OptimSettings, Stepper, trainable
 from ..transport.base import Transport
 
 log = logging.getLogger(__name__)
+
+
+def adapter_state(head: Stage, tail: Stage) -> dict[str, torch.Tensor]:
+    """A client's trainable head and tail tensors as one update, named ``head.*`` / ``tail.*``."""
+    state = {f"head.{k}": v for k, v in trainable_state(head).items()}
+    state.update({f"tail.{k}": v for k, v in trainable_state(tail).items()})
+    return state
 
 
 class SplitClient:
@@ -47,17 +54,21 @@ class SplitClient:
             raise ProtocolError(f"client {self.id}: expected {cls.kind}, server sent {reply.kind}")
         return reply
 
-    def train_step(self, batch) -> float:
-        """One split step; redone once if the server restarted (new session) in the middle of it."""
-        epoch = self.transport.epoch
-        try:
-            return self._train_step(batch)
-        except ProtocolError:
-            if self.transport.epoch == epoch:
-                raise
-            log.warning("client %d: server restarted during step %d; redoing it", self.id, self.step)
-            self.step -= 1
-            return self._train_step(batch)
+    def train_step(self, batch, redo: int = 3) -> float:
+        """One split step. It is redone (up to ``redo`` times) when the server dropped it (our turn
+        expired: ``StepAborted``) or restarted in the middle of it (a new session)."""
+        for attempt in range(redo + 1):
+            epoch = self.transport.epoch
+            try:
+                return self._train_step(batch)
+            except ProtocolError as exc:
+                if attempt == redo or not (isinstance(exc, StepAborted) or self.transport.epoch != epoch):
+                    raise
+                log.warning("client %d: step %d was dropped by the server (%s); redoing it", self.id, self.step,
+                            exc)
+                self.step -= 1
+                self.stepper.zero_grad()
+        raise AssertionError("unreachable")
 
     def _train_step(self, batch) -> float:
         self.step += 1
@@ -89,15 +100,14 @@ class SplitClient:
 
     # ---- federated averaging of head and tail adapters ----
     def adapter_state(self) -> dict[str, torch.Tensor]:
-        state = {f"head.{k}": v for k, v in trainable_state(self.head).items()}
-        state.update({f"tail.{k}": v for k, v in trainable_state(self.tail).items()})
-        return state
+        return adapter_state(self.head, self.tail)
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         load_trainable_state(self.head, {k[5:]: v for k, v in state.items() if k.startswith("head.")})
         load_trainable_state(self.tail, {k[5:]: v for k, v in state.items() if k.startswith("tail.")})
 
     def push_update(self, round_: int, num_examples: int) -> None:
+        """Send this client's adapters for ``round_``, weighted by the examples it trained on in the round."""
         self._expect(self.transport.call(Aggregation(
             self.id, self.step, tensors=self.adapter_state(), num_examples=num_examples, round=round_)), Control)
 

@@ -6,8 +6,13 @@ HKDF-SHA256 over the shared secret, salted with the transcript hash, yielding on
 key per direction. A peer client never learns another client's keys: they derive from
 ephemeral secrets it does not hold.
 
-    client -> server: ClientHello(client_id, eph_c, nonce_c, sig_c)
+    client -> server: ClientHello(client_id, eph_c, nonce_c, time_c, sig_c)
     server -> client: ServerHello(session_id, eph_s, nonce_s, sig_s over the transcript)
+
+Freshness: the client signs the time it sent the hello; the server refuses a hello
+outside a window around its own clock, and remembers every accepted (client, nonce)
+until the window has passed, so a captured hello can never be replayed to establish
+or replace a session.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import threading
+import time
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives import hashes, serialization
@@ -36,9 +43,11 @@ class ClientHello:
     ephemeral: bytes
     nonce: bytes
     signature: bytes = b""
+    timestamp_ms: int = 0  # when the client made it (Unix time, milliseconds)
 
     def signed_part(self) -> bytes:
-        return LABEL + b"|client|" + struct.pack(">Q", self.client_id) + self.ephemeral + self.nonce
+        return (LABEL + b"|client|" + struct.pack(">QQ", self.client_id, self.timestamp_ms) + self.ephemeral
+                + self.nonce)
 
 
 @dataclass
@@ -70,29 +79,65 @@ class ClientHandshake:
     def __init__(self, client_id: int, identity: Identity, server_public: bytes):
         self.identity, self.server_public = identity, server_public
         self.ephemeral = X25519PrivateKey.generate()
-        self.hello = ClientHello(client_id, _raw(self.ephemeral), os.urandom(16))
+        self.hello = ClientHello(client_id, _raw(self.ephemeral), os.urandom(16),
+                                 timestamp_ms=int(time.time() * 1000))
         self.hello.signature = identity.sign(self.hello.signed_part())
 
     def finish(self, reply: ServerHello) -> SessionKeys:
         transcript = reply.signed_part(self.hello)
         if not verify(self.server_public, reply.signature, transcript):
             raise CryptoError("server hello: bad signature (not the pinned server identity)")
-        secret = self.ephemeral.exchange(X25519PublicKey.from_public_bytes(reply.ephemeral))
+        secret = _exchange(self.ephemeral, reply.ephemeral, "server hello")
         return _derive(secret, transcript + reply.signature, self.hello.client_id, reply.session_id)
 
 
-def server_accept(hello: ClientHello, identity: Identity, enrolled: dict[int, bytes]) -> tuple[ServerHello, SessionKeys]:
-    """Check a client hello against the enrollment list and answer it; CryptoError if it fails."""
+def _exchange(private: X25519PrivateKey, public: bytes, where: str) -> bytes:
+    """X25519 with a peer's raw public key; CryptoError for a malformed or low-order (e.g. all-zero) key."""
+    try:
+        return private.exchange(X25519PublicKey.from_public_bytes(public))
+    except ValueError as exc:
+        raise CryptoError(f"{where}: unusable ephemeral key ({exc})") from None
+
+
+class ReplayGuard:
+    """Refuses hellos outside a time window and any (client, nonce) already accepted within it."""
+
+    def __init__(self, window: float = 300.0, clock=time.time):
+        self.window, self.clock = window, clock
+        self.seen: dict[tuple[int, bytes], float] = {}  # accepted hello -> when it may be forgotten
+        self._lock = threading.Lock()
+
+    def check(self, hello: ClientHello) -> None:
+        now = self.clock()
+        skew = now - hello.timestamp_ms / 1000
+        if abs(skew) > self.window:
+            raise CryptoError(f"handshake from client {hello.client_id}: hello is {skew:+.0f}s from the server's "
+                              f"clock (window {self.window:.0f}s): stale or replayed")
+        with self._lock:
+            for key in [k for k, until in self.seen.items() if until < now]:
+                del self.seen[key]
+            key = (hello.client_id, hello.nonce)
+            if key in self.seen:
+                raise CryptoError(f"handshake from client {hello.client_id}: replayed hello")
+            self.seen[key] = hello.timestamp_ms / 1000 + self.window + 1
+
+
+def server_accept(hello: ClientHello, identity: Identity, enrolled: dict[int, bytes],
+                  replay: ReplayGuard | None = None) -> tuple[ServerHello, SessionKeys]:
+    """Check a client hello against the enrollment list (and, with ``replay``, its freshness) and answer
+    it; CryptoError if it fails."""
     public = enrolled.get(hello.client_id)
     if public is None:
         raise CryptoError(f"handshake from unknown client {hello.client_id}")
-    if not verify(public, hello.signature, hello.signed_part()):
-        raise CryptoError(f"handshake from client {hello.client_id}: bad signature")
     if len(hello.ephemeral) != 32 or len(hello.nonce) != 16:
         raise CryptoError(f"handshake from client {hello.client_id}: malformed hello")
+    if not verify(public, hello.signature, hello.signed_part()):
+        raise CryptoError(f"handshake from client {hello.client_id}: bad signature")
+    if replay is not None:
+        replay.check(hello)
     ephemeral = X25519PrivateKey.generate()
     reply = ServerHello(os.urandom(16), _raw(ephemeral), os.urandom(16))
     transcript = reply.signed_part(hello)
     reply.signature = identity.sign(transcript)
-    secret = ephemeral.exchange(X25519PublicKey.from_public_bytes(hello.ephemeral))
+    secret = _exchange(ephemeral, hello.ephemeral, f"handshake from client {hello.client_id}")
     return reply, _derive(secret, transcript + reply.signature, hello.client_id, reply.session_id)

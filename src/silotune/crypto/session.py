@@ -21,6 +21,7 @@ from .identity import CryptoError
 
 UP, DOWN = 1, 2  # client -> server, server -> client
 _HEADER = struct.Struct(">QQ")
+_MAX_SEALED = 2**31 - 1  # longer, and the AES-GCM backend panics (a PanicException, not an Exception)
 
 
 class AeadSession:
@@ -48,9 +49,12 @@ class AeadSession:
         return _HEADER.pack(seq, step) + ct
 
     def open(self, envelope: bytes) -> tuple[bytes, int]:
-        """(plaintext, step); CryptoError on a replayed, reordered, truncated or tampered message."""
+        """(plaintext, step); CryptoError (and nothing else) on a replayed, reordered, truncated, oversized or
+        tampered message."""
         if len(envelope) < _HEADER.size + 16:
             raise CryptoError(f"client {self.client_id}: truncated message")
+        if len(envelope) - _HEADER.size > _MAX_SEALED:
+            raise CryptoError(f"client {self.client_id}: message of {len(envelope)} bytes is too large to open")
         seq, step = _HEADER.unpack_from(envelope)
         if seq != self.recv_seq:
             kind = "replayed" if seq < self.recv_seq else "out-of-order"

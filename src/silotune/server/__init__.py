@@ -1,6 +1,6 @@
 """The trunk server runtime and its aggregation."""
 
-from .aggregation import FedAvg
+from .aggregation import Aggregator
 from .trunk import TrunkServer
 
-__all__ = ["FedAvg", "TrunkServer"]
+__all__ = ["Aggregator", "TrunkServer"]

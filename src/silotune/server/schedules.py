@@ -2,9 +2,11 @@
 
 ``Sequential`` is vanilla split learning: one client step at a time, in round-robin order
 over the clients taking part. The server, not the network, decides the order, so a
-deployment of separate processes trains exactly like the in-process simulation. A client
-that holds the turn without acting for longer than the timeout (it died, or hangs) is
-dropped from the rotation and the others go on; it is taken back when it rejoins.
+deployment of separate processes trains exactly like the in-process simulation. A turn
+lasts at most ``timeout`` seconds of wall time from when it was granted, whatever the
+holder sends meanwhile (a client that died, hangs, or re-sends forward passes to keep
+the turn): then the holder is dropped from the rotation and the others go on; it is
+taken back when it asks for a turn again.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ class Sequential:
         self.members = list(range(n_clients))
         self.active = set(self.members)
         self.turn = 0
-        self.turn_since = time.monotonic()  # when the holder got the turn or last acted
+        self.turn_since = time.monotonic()  # when the holder was granted the turn
+        self.started = False  # the first turn's clock starts when the first client asks for a turn
         self.timeout = timeout
         self.on_drop = on_drop  # called with the client id after it is dropped (outside the lock)
         self.cond = threading.Condition()
@@ -43,14 +46,13 @@ class Sequential:
             log.info("client %d rejoins the rotation", client)
 
     def _stale_holder(self) -> int | None:
-        """Drop the turn holder if it has been idle past the timeout; returns it."""
+        """Drop the turn holder if its turn has lasted past the timeout; returns it."""
         if self.timeout is None or time.monotonic() - self.turn_since <= self.timeout:
             return None
         holder = self.turn
         self.active.discard(holder)
         self.dropped.append(holder)
-        log.warning("client %d dropped from the rotation: silent for %.0fs while holding the turn",
-                    holder, self.timeout)
+        log.warning("client %d dropped from the rotation: its turn expired (%.0fs)", holder, self.timeout)
         self._advance()
         self.cond.notify_all()
         return holder
@@ -64,10 +66,11 @@ class Sequential:
         while True:
             with self.cond:
                 self._admit(client)
+                if not self.started:
+                    self.started, self.turn_since = True, time.monotonic()
                 if self.turn not in self.active:
                     self._advance()
-                if self.turn == client:
-                    self.turn_since = time.monotonic()
+                if self.turn == client:  # the clock started when the turn was granted: asking again never resets it
                     return
                 dropped = self._stale_holder()
                 if dropped is None:
@@ -81,12 +84,6 @@ class Sequential:
             dropped = self._stale_holder()
         self._notify_drop(dropped)
 
-    def touch(self, client: int) -> None:
-        """``client`` acted (its step is in progress): restart its idle clock."""
-        with self.cond:
-            if self.turn == client:
-                self.turn_since = time.monotonic()
-
     def done(self, client: int) -> None:
         """``client`` finished its step: the next active client's turn."""
         with self.cond:
@@ -98,8 +95,6 @@ class Sequential:
         """``client`` (re)connected and will train again: back into the rotation."""
         with self.cond:
             self._admit(client)
-            if self.turn == client:
-                self.turn_since = time.monotonic()
             self.cond.notify_all()
 
     def leave(self, client: int) -> None:

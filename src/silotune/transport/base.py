@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ..protocol.messages import Message
+from .chunking import CHUNK_BYTES
+
+WIRE_MESSAGE_BYTES = CHUNK_BYTES + (64 << 10)  # one chunk and its framing: the largest gRPC message either side takes
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 The transport opens an authenticated session (handshake against the pinned server
 identity), then seals every message with the session's AEAD, streams it in chunks and
-opens the reply. Connection failures are retried with exponential backoff, starting a
-new session (a restarted server has forgotten the old one); a rejected message raises.
+opens the reply. Connection failures and a busy server are retried with exponential
+backoff, starting a new session (a restarted server has forgotten the old one); a step
+the server dropped raises ``StepAborted`` (the client runtime redoes it); any other
+rejected message raises.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import grpc
 import torch
 
 from ..crypto import AeadSession, ClientHandshake, CryptoError, Identity, ServerHello
-from ..errors import ProtocolError
+from ..errors import ProtocolError, StepAborted
 from ..protocol.codec import decode, encode
 from ..protocol.messages import Message
 from . import chunking
-from .base import WireStats
+from .base import WIRE_MESSAGE_BYTES, WireStats
 from .proto import silotune_pb2 as pb
 from .proto import silotune_pb2_grpc as pb_grpc
 
@@ -42,7 +44,8 @@ class GrpcTransport:
         self.identity, self.server_public = identity, server_public
         self.wire_dtype, self.timeout = wire_dtype, timeout
         self.retries, self.backoff, self.limit = retries, backoff, max_message_bytes
-        options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+        options = [("grpc.max_receive_message_length", WIRE_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", WIRE_MESSAGE_BYTES)]
         if tls_server_name:
             options.append(("grpc.ssl_target_name_override", tls_server_name))
         if tls_root is not None:
@@ -60,8 +63,9 @@ class GrpcTransport:
     def connect(self) -> None:
         hs = ClientHandshake(self.client_id, self.identity, self.server_public)
         h = hs.hello
-        reply = self.stub.Handshake(pb.Hello(client_id=h.client_id, ephemeral=h.ephemeral, nonce=h.nonce,
-                                             signature=h.signature), timeout=self.timeout)
+        reply = self.stub.Handshake(iter([pb.Hello(client_id=h.client_id, ephemeral=h.ephemeral, nonce=h.nonce,
+                                                   signature=h.signature, timestamp_ms=h.timestamp_ms)]),
+                                    timeout=self.timeout)
         keys = hs.finish(ServerHello(reply.session_id, reply.ephemeral, reply.nonce, reply.signature))
         self.session = AeadSession(keys, "client")
         self.epoch += 1
@@ -90,6 +94,8 @@ class GrpcTransport:
                 return decode(self._exchange(blob, msg.step))
             except grpc.RpcError as exc:
                 code = exc.code()
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "Concurrent RPC limit" in (exc.details() or ""):
+                    code = grpc.StatusCode.UNAVAILABLE  # gRPC's own overload refusal: busy, retry
                 if code in RETRYABLE and attempt < self.retries:
                     log.warning("client %d: server unreachable (%s), retrying in %.1fs", self.client_id,
                                 code.name, delay)
@@ -103,6 +109,8 @@ class GrpcTransport:
                     self.session = None
                     continue
                 self.session = None  # after any refusal, start the next call from a fresh session
+                if code == grpc.StatusCode.ABORTED:
+                    raise StepAborted(exc.details()) from None
                 if code == grpc.StatusCode.UNAUTHENTICATED:
                     raise CryptoError(f"server refused client {self.client_id}: {exc.details()}") from None
                 if code in RETRYABLE:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'silotune/transport/proto/silotune.proto\x12\x08silotune\"O\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x11\n\tephemeral\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"U\n\nHelloReply\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x11\n\tephemeral\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"J\n\x05\x43hunk\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x32p\n\x08SiloTune\x12\x32\n\tHandshake\x12\x0f.silotune.Hello\x1a\x14.silotune.HelloReply\x12\x30\n\x08\x45xchange\x12\x0f.silotune.Chunk\x1a\x0f.silotune.Chunk(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'silotune/transport/proto/silotune.proto\x12\x08silotune\"e\n\x05Hello\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x11\n\tephemeral\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x05 \x01(\x04\"U\n\nHelloReply\x12\x12\n\nsession_id\x18\x01 \x01(\x0c\x12\x11\n\tephemeral\x18\x02 \x01(\x0c\x12\r\n\x05nonce\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"J\n\x05\x43hunk\x12\x11\n\tclient_id\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\x0c\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04last\x18\x04 \x01(\x08\x32r\n\x08SiloTune\x12\x34\n\tHandshake\x12\x0f.silotune.Hello\x1a\x14.silotune.HelloReply(\x01\x12\x30\n\x08\x45xchange\x12\x0f.silotune.Chunk\x1a\x0f.silotune.Chunk(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,11 +32,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'silotune.transport.proto.si
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO']._serialized_start=53
-  _globals['_HELLO']._serialized_end=132
-  _globals['_HELLOREPLY']._serialized_start=134
-  _globals['_HELLOREPLY']._serialized_end=219
-  _globals['_CHUNK']._serialized_start=221
-  _globals['_CHUNK']._serialized_end=295
-  _globals['_SILOTUNE']._serialized_start=297
-  _globals['_SILOTUNE']._serialized_end=409
+  _globals['_HELLO']._serialized_end=154
+  _globals['_HELLOREPLY']._serialized_start=156
+  _globals['_HELLOREPLY']._serialized_end=241
+  _globals['_CHUNK']._serialized_start=243
+  _globals['_CHUNK']._serialized_end=317
+  _globals['_SILOTUNE']._serialized_start=319
+  _globals['_SILOTUNE']._serialized_end=433
 # @@protoc_insertion_point(module_scope)

@@ -34,7 +34,7 @@ class SiloTuneStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Handshake = channel.unary_unary(
+        self.Handshake = channel.stream_unary(
                 '/silotune.SiloTune/Handshake',
                 request_serializer=silotune_dot_transport_dot_proto_dot_silotune__pb2.Hello.SerializeToString,
                 response_deserializer=silotune_dot_transport_dot_proto_dot_silotune__pb2.HelloReply.FromString,
@@ -49,8 +49,9 @@ class SiloTuneStub:
 class SiloTuneServicer:
     """Missing associated documentation comment in .proto file."""
 
-    def Handshake(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Handshake(self, request_iterator, context):
+        """A stream holding exactly one Hello, so that the server controls how long it waits for it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -65,7 +66,7 @@ class SiloTuneServicer:
 
 def add_SiloTuneServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Handshake': grpc.unary_unary_rpc_method_handler(
+            'Handshake': grpc.stream_unary_rpc_method_handler(
                     servicer.Handshake,
                     request_deserializer=silotune_dot_transport_dot_proto_dot_silotune__pb2.Hello.FromString,
                     response_serializer=silotune_dot_transport_dot_proto_dot_silotune__pb2.HelloReply.SerializeToString,
@@ -87,7 +88,7 @@ class SiloTune:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
-    def Handshake(request,
+    def Handshake(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -97,8 +98,8 @@ class SiloTune:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
+        return grpc.experimental.stream_unary(
+            request_iterator,
             target,
             '/silotune.SiloTune/Handshake',
             silotune_dot_transport_dot_proto_dot_silotune__pb2.Hello.SerializeToString,

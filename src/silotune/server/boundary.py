@@ -1,0 +1,131 @@
+"""The server's boundary checks: what a client's activations and gradients must be before the trunk runs.
+
+Every tensor a client sends is hostile until checked: it must be a floating-point
+tensor of the expected shape, finite, and within the run's limits on batch size and
+sequence length; the per-sample lengths must be integers within the sequence. A
+message that fails is refused with one ``ProtocolError`` line naming the client, the
+step and what was wrong, and counted by reason; nothing in the trunk is touched.
+
+The limits come from the run's configuration (``boundary:``), by default the run's own
+largest batch and ``data.max_length``, capped by the model's context length: an honest
+client never sends more, so anything larger is an attack on the server's memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ProtocolError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BoundarySettings:
+    """The ``boundary:`` config section: the largest batch and sequence a client may send."""
+
+    max_batch: int | None = None  # None: the run's largest batch (train.batch_size, train.eval_batch_size)
+    max_length: int | None = None  # None: data.max_length, capped by the model's context length
+
+    def validate(self, bad) -> None:
+        for key in ("max_batch", "max_length"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                bad(f"boundary.{key}", "must be at least 1 (or null for the run's own value)")
+
+
+@dataclass
+class Limits:
+    """Resolved limits the trunk server enforces."""
+
+    max_batch: int
+    max_length: int
+    hidden: int
+    max_examples: int | None = None  # per FedAvg update: the examples a client can train on in one round
+
+    @classmethod
+    def resolve(cls, settings: BoundarySettings, model_config, batch_size: int, eval_batch_size: int,
+                max_length: int, local_steps: int) -> Limits:
+        context = (getattr(model_config, "max_position_embeddings", None)
+                   or getattr(model_config, "n_positions", None) or max_length)
+        max_batch = settings.max_batch or max(batch_size, eval_batch_size)
+        return cls(max_batch=max_batch, max_length=min(settings.max_length or max_length, context),
+                   hidden=model_config.hidden_size, max_examples=local_steps * max_batch)
+
+    @classmethod
+    def unbounded(cls, model_config) -> Limits:
+        """Shape checks only (for tests and tools that build a server without a run config)."""
+        context = getattr(model_config, "max_position_embeddings", None) or getattr(model_config, "n_positions", 4096)
+        return cls(max_batch=1 << 16, max_length=context, hidden=model_config.hidden_size)
+
+    def message_bytes(self, extra: int = 0) -> int:
+        """Largest honest message: fp32 activations at the limits (+ ``extra``, e.g. an adapter update)."""
+        return max(self.max_batch * self.max_length * self.hidden * 4, extra) + (64 << 10)
+
+
+class Boundary:
+    """Checks incoming tensors against the limits; counts refusals by reason."""
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.rejected: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def refuse(self, reason: str, where: str, detail: str) -> ProtocolError:
+        with self._lock:
+            self.rejected[reason] += 1
+        log.warning("refused (%s) %s: %s", reason, where, detail)
+        return ProtocolError(f"{where}: {detail}")
+
+    def _tensor(self, t, name: str, where: str, float_only: bool = True) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise self.refuse("malformed", where, f"{name} missing")
+        if float_only and not t.is_floating_point():
+            raise self.refuse("dtype", where, f"{name} must be floating point, got {t.dtype}")
+        if float_only and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise self.refuse("non_finite", where, f"{name} holds {bad} non-finite values (NaN or Inf)")
+        return t
+
+    def activations(self, client: int, step: int, hidden, lengths) -> None:
+        """``h1`` (B, T, H) and ``lengths`` (B,) from a client's forward message."""
+        where, lim = f"client {client} step {step}", self.limits
+        if isinstance(hidden, torch.Tensor) and (hidden.ndim != 3 or hidden.shape[-1] != lim.hidden):
+            raise self.refuse("shape", where, f"activations must be (B, T, {lim.hidden}), got {tuple(hidden.shape)}")
+        if isinstance(hidden, torch.Tensor):
+            b, t, _ = hidden.shape
+            if b < 1 or t < 1:
+                raise self.refuse("shape", where, f"activations must hold at least one token, got {tuple(hidden.shape)}")
+            if b > lim.max_batch:
+                raise self.refuse("limit", where, f"batch of {b} exceeds the limit of {lim.max_batch} "
+                                  "(boundary.max_batch)")
+            if t > lim.max_length:
+                raise self.refuse("limit", where, f"sequence of {t} tokens exceeds the limit of {lim.max_length} "
+                                  "(boundary.max_length)")
+        if isinstance(lengths, torch.Tensor) and isinstance(hidden, torch.Tensor):
+            if lengths.shape != (hidden.shape[0],) or lengths.is_floating_point() or lengths.dtype == torch.bool:
+                raise self.refuse("shape", where, f"lengths must be ({hidden.shape[0]},) integers, got "
+                                  f"{tuple(lengths.shape)} {lengths.dtype}")
+            if int(lengths.min()) < 1 or int(lengths.max()) > hidden.shape[1]:
+                raise self.refuse("shape", where, f"lengths outside 1..{hidden.shape[1]}")
+        elif isinstance(hidden, torch.Tensor):
+            raise self.refuse("malformed", where, "lengths missing")
+        self._tensor(hidden, "activations", where)
+
+    def gradient(self, client: int, step: int, grad, shape: tuple[int, ...]) -> None:
+        """``dL/dh2`` from a client: the shape of the ``h2`` it answers, float, finite."""
+        where = f"client {client} step {step}"
+        if isinstance(grad, torch.Tensor) and tuple(grad.shape) != tuple(shape):
+            raise self.refuse("shape", where, f"gradient must have shape {tuple(shape)}, got {tuple(grad.shape)}")
+        self._tensor(grad, "gradient", where)
+
+    def computed(self, client: int, step: int, name: str, t: torch.Tensor) -> None:
+        """The trunk's own output or gradients from a client's input: refuse the step if they overflowed."""
+        if not bool(torch.isfinite(t).all()):
+            raise self.refuse("non_finite", f"client {client} step {step}",
+                              f"{name} overflowed to non-finite values: step refused, trunk unchanged")
