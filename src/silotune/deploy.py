@@ -106,7 +106,7 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
           f"waiting for {cfg.federation.clients} clients", flush=True)
     try:
         while not trunk.finished.wait(0.5):
-            if trunk.finished_or_gone(d.grace_seconds):
+            if trunk.presence.over(d.grace_seconds):  # the rest have been gone past the grace period
                 break
     finally:
         server.stop(grace=2)

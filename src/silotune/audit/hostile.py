@@ -233,42 +233,30 @@ def _hello_attacks(t: Target) -> dict[str, Callable[[], tuple[bool, str]]]:
         finally:
             ch.close()
 
-    def genuine(**change) -> pb.Hello:
-        hs = ClientHandshake(t.member, t.member_key, t.server_public)
-        h = hs.hello
+    stranger = Identity.generate()
+
+    def hello(client: int = t.member, key: Identity = t.member_key, **change) -> pb.Hello:
+        """A fresh hello from ``client`` signed by ``key``, with fields changed before signing."""
+        h = ClientHandshake(client, key, t.server_public).hello
         for k, v in change.items():
             setattr(h, k, v)
-        h.signature = t.member_key.sign(h.signed_part())
+        h.signature = key.sign(h.signed_part())
         return pb.Hello(client_id=h.client_id, ephemeral=h.ephemeral, nonce=h.nonce, signature=h.signature,
                         timestamp_ms=h.timestamp_ms)
 
     def replay():
-        hello = genuine()
-        first = send(hello)
-        refused, answer = send(hello)
+        captured = hello()
+        first = send(captured)
+        refused, answer = send(captured)
         return refused, f"{answer} (the original: {first[1]})"
-
-    stranger = Identity.generate()
-
-    def forged():
-        hs = ClientHandshake(t.member, stranger, t.server_public)
-        h = hs.hello
-        return send(pb.Hello(client_id=h.client_id, ephemeral=h.ephemeral, nonce=h.nonce, signature=h.signature,
-                             timestamp_ms=h.timestamp_ms))
-
-    def unknown():
-        hs = ClientHandshake(10 ** 6, stranger, t.server_public)
-        h = hs.hello
-        return send(pb.Hello(client_id=h.client_id, ephemeral=h.ephemeral, nonce=h.nonce, signature=h.signature,
-                             timestamp_ms=h.timestamp_ms))
 
     return {
         "replayed handshake hello": replay,
-        "stale handshake hello (1 h old)": lambda: send(genuine(timestamp_ms=int((time.time() - 3600) * 1000))),
-        "all-zero X25519 key in hello": lambda: send(genuine(ephemeral=bytes(32))),
-        "hello signed by a stranger": forged,
-        "hello from an unknown client id": unknown,
-        "malformed hello (short key)": lambda: send(genuine(ephemeral=b"\x01" * 5)),
+        "stale handshake hello (1 h old)": lambda: send(hello(timestamp_ms=int((time.time() - 3600) * 1000))),
+        "all-zero X25519 key in hello": lambda: send(hello(ephemeral=bytes(32))),
+        "hello signed by a stranger": lambda: send(hello(key=stranger)),
+        "hello from an unknown client id": lambda: send(hello(client=10 ** 6, key=stranger)),
+        "malformed hello (short key)": lambda: send(hello(ephemeral=b"\x01" * 5)),
     }
 
 
@@ -416,6 +404,7 @@ def run_deployment(workdir, model: str, progress: Callable[[str], None] | None =
 
     import yaml
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
     from ..client.runtime import adapter_state
     from ..config import load_config
@@ -464,7 +453,7 @@ def run_deployment(workdir, model: str, progress: Callable[[str], None] | None =
             time.sleep(0.2)
         model_dir = resolve_model(cfg.model)
         start = adapter_state(*build_client_parts(model_dir, cfg.split, cfg.adapters, cfg.train.seed))
-        mc = __import__("transformers").AutoConfig.from_pretrained(model_dir)
+        mc = AutoConfig.from_pretrained(model_dir)
         target = Target(f"localhost:{port}", bytes.fromhex((keys / "server.pub").read_text().strip()),
                         (keys / "ca.crt").read_bytes(), 2, Identity.load(keys / "clients" / "client-2.pem"),
                         hidden=mc.hidden_size, max_batch=max(cfg.train.batch_size, cfg.train.eval_batch_size),

@@ -76,9 +76,12 @@ class Boundary:
         self.rejected: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def refuse(self, reason: str, where: str, detail: str) -> ProtocolError:
+    def count(self, reason: str) -> None:
         with self._lock:
             self.rejected[reason] += 1
+
+    def refuse(self, reason: str, where: str, detail: str) -> ProtocolError:
+        self.count(reason)
         log.warning("refused (%s) %s: %s", reason, where, detail)
         return ProtocolError(f"{where}: {detail}")
 

@@ -39,12 +39,11 @@ class TrunkServer:
         self.boundary = Boundary(limits or Limits.unbounded(trunk.config))
         self.aggregator = aggregator
         aggregator.expected = lambda: set(self.schedule.active)  # a round waits for the clients in the rotation
-        aggregator.participants = lambda: set(range(n_clients)) - self.finished_clients
+        aggregator.participants = lambda: set(range(n_clients)) - self.presence.finished
         self.presence = Presence(n_clients)
         self.checkpoint = checkpoint
         self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.steps = 0
-        self.finished_clients: set[int] = set()
         self.finished = threading.Event()  # set once every client has said goodbye
         if checkpoint is not None and (found := ckpt.load_latest(Path(checkpoint))) is not None:
             self.restore(found[0])  # load_latest falls back to checkpoint.prev when the latest is corrupt
@@ -98,10 +97,6 @@ class TrunkServer:
         update = 4 * sum(math.prod(shape) for shape in self.aggregator.layout.values())
         return self.boundary.limits.message_bytes(extra=update)
 
-    def finished_or_gone(self, grace: float | None) -> bool:
-        """Every client said goodbye, or (with a grace period) the rest have been gone longer than it."""
-        return self.presence.over(grace)
-
     def _round_done(self, round_: int) -> None:
         log.info("round %d averaged", round_)
         if self.checkpoint is not None:
@@ -121,7 +116,7 @@ class TrunkServer:
 
     def _control(self, msg: Message) -> Message:
         if isinstance(msg, Aggregation):
-            late = type(msg.round) is int and msg.round <= self.aggregator.latest()[0]
+            late = msg.round <= self.aggregator.latest()[0]  # fields are typed by the codec
             try:
                 closed = self.aggregator.submit(msg.client, msg.round, msg.tensors, msg.num_examples)
             except ProtocolError as exc:
@@ -138,18 +133,14 @@ class TrunkServer:
                 return Control(msg.client, msg.step, command="joined", payload={"round": round_})
             return Aggregation(msg.client, msg.step, tensors=aggregate, round=round_)
         if isinstance(msg, Control) and msg.command == "fetch_aggregate":
-            round_ = msg.payload.get("round", -1)
-            if type(round_) is not int:
-                raise self.boundary.refuse("malformed", f"client {msg.client}", f"fetch_aggregate round must be an "
-                                           f"integer, got {round_!r}")
+            round_ = msg.payload.get("round", -1)  # an integer: the codec checked every field's type
             result = self.aggregator.result(round_)
             if result is None:
                 return Control(msg.client, msg.step, command="not_ready", payload={"round": round_})
             return Aggregation(msg.client, msg.step, tensors=result, round=round_)
         if isinstance(msg, Control) and msg.command == "bye":
-            self.finished_clients.add(msg.client)
             self.presence.finish(msg.client)
-            if len(self.finished_clients) == self.n_clients:
+            if self.presence.over(None):
                 self.finished.set()
             return Control(msg.client, msg.step, command="ack")
         raise self.boundary.refuse("unexpected", f"client {msg.client}", f"unexpected {msg.kind} message"
@@ -170,7 +161,7 @@ class TrunkServer:
     def _backward(self, msg: Gradients) -> Gradients:
         step, h1, h2 = self.pending.get(msg.client, (None, None, None))
         if step is None or step != msg.step:
-            self.boundary.rejected["aborted"] += 1
+            self.boundary.count("aborted")
             raise StepAborted(f"client {msg.client} step {msg.step}: no forward pass pending for this step (its "
                               "turn expired or the server restarted): redo the step")
         self.boundary.gradient(msg.client, msg.step, msg.grad, h2.shape)
@@ -178,9 +169,9 @@ class TrunkServer:
         h2.backward(msg.grad.to(h2.dtype), retain_graph=True)  # kept until the step is known to be sound
         try:
             self.boundary.computed(msg.client, msg.step, "input gradient", h1.grad)
-            for p in self.stepper.params:
-                if p.grad is not None:
-                    self.boundary.computed(msg.client, msg.step, "trunk gradient", p.grad)
+            grads = [p.grad for p in self.stepper.params if p.grad is not None]
+            if grads:  # one norm over every trunk gradient: non-finite if any element is
+                self.boundary.computed(msg.client, msg.step, "trunk gradient", torch.nn.utils.get_total_norm(grads))
         except ProtocolError:
             self.stepper.zero_grad()
             h1.grad = None
