@@ -1,5 +1,7 @@
 """Messages survive the codec; the server rejects malformed or out-of-order traffic."""
 
+import time
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from silotune.adapters import AdapterSettings
 from silotune.errors import ProtocolError
 from silotune.federation import SplitSettings, build_server
 from silotune.protocol import Aggregation, Control, ForwardActivations, Gradients, decode, encode
+from silotune.server.schedules import Sequential
 from silotune.train.optim import OptimSettings
 
 
@@ -67,3 +70,21 @@ def test_server_rejects_wrong_step_and_shape_then_keeps_serving(server):
         server.handle(Gradients(0, 1, grad=torch.ones(2, 4, 32, dtype=torch.long)))
     reply = server.handle(Gradients(0, 1, grad=torch.randn(2, 4, 32)))
     assert reply.grad.shape == (2, 4, 32) and server.steps == 1
+
+
+def test_a_client_asking_for_a_forgotten_round_gets_the_newest_average(server):
+    newest = {k: v + 1 for k, v in server.aggregator.start.items()}
+    server.aggregator.load_state_dict({"round": 5, "aggregate": newest})  # rounds 0..4 closed and forgotten
+    reply = server.handle(Control(0, 1, command="fetch_aggregate", payload={"round": 1}))
+    assert isinstance(reply, Aggregation) and reply.round == 5
+    assert all(torch.equal(reply.tensors[k], v) for k, v in newest.items())
+    assert server.handle(Control(0, 1, command="fetch_aggregate", payload={"round": 6})).command == "not_ready"
+
+
+def test_a_holder_out_of_the_rotation_is_not_dropped_twice():
+    schedule = Sequential(1, timeout=0.01)
+    time.sleep(0.02)
+    schedule.check_stale()
+    time.sleep(0.02)
+    schedule.check_stale()
+    assert schedule.dropped == [0]

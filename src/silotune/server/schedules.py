@@ -47,8 +47,8 @@ class Sequential:
 
     def _stale_holder(self) -> int | None:
         """Drop the turn holder if its turn has lasted past the timeout; returns it."""
-        if self.timeout is None or time.monotonic() - self.turn_since <= self.timeout:
-            return None
+        if self.timeout is None or time.monotonic() - self.turn_since <= self.timeout or self.turn not in self.active:
+            return None  # (a holder already out of the rotation is not dropped twice)
         holder = self.turn
         self.active.discard(holder)
         self.dropped.append(holder)
