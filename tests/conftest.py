@@ -2,12 +2,15 @@
 
 import logging
 import os
+import socket
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # keep gRPC's C-core notices out of the test log
 
 import pytest
 import transformers
+import yaml
 
+from silotune.deploy import make_keys
 from silotune.models.loading import resolve_model
 from silotune.models.tiny import save_tiny_model
 
@@ -34,3 +37,26 @@ def tiny_chat_dir(tmp_path_factory, smollm2_dir):
     """A tiny llama with the real SmolLM2 tokenizer: fast end-to-end runs on real text."""
     return save_tiny_model(tmp_path_factory.mktemp("tinychat") / "m", "llama", seed=2,
                            tokenizer_from=smollm2_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def deployment(tmp_path, tiny_chat_dir):
+    keys = make_keys(tmp_path / "keys", 3, ["localhost", "127.0.0.1"])
+    port = free_port()
+    cfg = {"model": str(tiny_chat_dir), "split": {"head_blocks": 1, "tail_blocks": 1},
+           "adapters": {"lora": {"r": 4}}, "optim": {"lr": 5.0e-3},
+           "data": {"max_train": 48, "max_test": 8, "max_length": 48},
+           "federation": {"clients": 3, "local_steps": 2, "wire_dtype": "fp32"},
+           "train": {"steps": 12, "batch_size": 4},
+           "deploy": {"keys": str(keys), "address": f"127.0.0.1:{port}", "client_timeout": 60.0,
+                      "mutual_tls": True},
+           "output": str(tmp_path / "net")}
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path, port

@@ -1,4 +1,4 @@
-"""The trunk server's aggregation: exact FedAvg, refusal of malformed updates, robust strategies."""
+"""The trunk server's aggregation: exact FedAvg, refusal of malformed updates, robust strategies, server optimizers."""
 
 import re
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from silotune.errors import ConfigError, ProtocolError, SiloTuneError
+from silotune.server import checkpoint as ckpt
 from silotune.server.aggregation import AggregationSettings, Aggregator
 
 LAYOUT = {"head.a": (3, 4), "tail.b": (5,)}
@@ -299,6 +300,23 @@ def test_norm_bound_is_measured_from_the_rounds_starting_point():
     ({"norm_bound": -1.0}, "aggregation.norm_bound"),
     ({"norm_bound": float("inf")}, "aggregation.norm_bound"),
     ({"norm_bound": float("nan")}, "aggregation.norm_bound"),
+    ({"server_optimizer": "sgd"}, "aggregation.server_optimizer"),
+    ({"server_optimizer": "fedadam"}, "aggregation.server_optimizer"),
+    ({"server_lr": 0.0}, "aggregation.server_lr"),
+    ({"server_lr": -1.0}, "aggregation.server_lr"),
+    ({"server_lr": float("inf")}, "aggregation.server_lr"),
+    ({"server_lr": float("nan")}, "aggregation.server_lr"),
+    ({"server_momentum": 1.0}, "aggregation.server_momentum"),
+    ({"server_momentum": -0.1}, "aggregation.server_momentum"),
+    ({"server_momentum": float("nan")}, "aggregation.server_momentum"),
+    ({"server_betas": [0.9]}, "aggregation.server_betas"),
+    ({"server_betas": [0.9, 0.99, 0.999]}, "aggregation.server_betas"),
+    ({"server_betas": [0.9, 1.0]}, "aggregation.server_betas"),
+    ({"server_betas": [-0.1, 0.99]}, "aggregation.server_betas"),
+    ({"server_betas": ["a", 0.99]}, "aggregation.server_betas"),
+    ({"server_epsilon": 0.0}, "aggregation.server_epsilon"),
+    ({"server_epsilon": -1e-3}, "aggregation.server_epsilon"),
+    ({"server_epsilon": float("inf")}, "aggregation.server_epsilon"),
 ])
 def test_invalid_settings_are_refused(changes, key):
     def bad(k, msg):
@@ -311,6 +329,181 @@ def test_invalid_settings_are_refused(changes, key):
         Aggregator(2, LAYOUT, START, AggregationSettings(**changes))
 
 
+def test_invalid_server_optimizer_message_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"aggregation.server_optimizer: must be one of none, momentum, adam, got 'sgd'"):
+        Aggregator(2, LAYOUT, START, AggregationSettings(server_optimizer="sgd"))
+    for kind in ("none", "momentum", "adam"):  # and the valid settings pass, lr given or not
+        Aggregator(2, LAYOUT, START, AggregationSettings(server_optimizer=kind, server_lr=0.5, server_momentum=0.0,
+                                                         server_betas=[0.0, 0.5], server_epsilon=1e-8))
+
+
 def test_starting_point_must_match_the_layout():
     with pytest.raises(ValueError, match="missing adapter tensor 'tail.b'"):
         Aggregator(2, LAYOUT, {"head.a": torch.zeros(3, 4)})
+
+
+# ---- server optimizers (FedOpt) ----
+def round_updates(base: dict, r: int, n: int = 3) -> list[dict]:
+    """Client updates for round ``r``: the round's starting point plus a small, round-specific step."""
+    return [values(100 * (r + 1) + c, 0.1, base) for c in range(n)]
+
+
+def run_rounds(agg: Aggregator, rounds: range, weights: list[int] = HONEST_WEIGHTS) -> list[dict]:
+    """Close ``rounds`` on ``agg``, each client updating from the round's starting point; the aggregates."""
+    out = []
+    for r in rounds:
+        base = agg.latest()[1] or START
+        for c, update in enumerate(round_updates(base, r, len(weights))):
+            agg.submit(c, r, update, weights[c])
+        out.append(agg.result(r))
+    return out
+
+
+def mean_delta(updates: list[dict], base: dict, weights: list[int]) -> dict[str, torch.Tensor]:
+    total = float(sum(weights))
+    return {k: sum((u[k].double() - base[k].double()) * (w / total) for u, w in zip(updates, weights)) for k in LAYOUT}
+
+
+def assert_close(a: dict, b: dict, tol: float = 1e-6) -> None:
+    assert set(a) == set(b) == set(LAYOUT)
+    for k in LAYOUT:
+        assert a[k].dtype == torch.float32
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=0, atol=tol), (k, (a[k].double() - b[k]).abs().max())
+
+
+def test_momentum_with_no_momentum_and_lr_1_is_plain_fedavg():
+    plain = run_rounds(make(), range(3))
+    fedavgm = run_rounds(make(settings=AggregationSettings(server_optimizer="momentum", server_lr=1.0,
+                                                           server_momentum=0.0)), range(3))
+    for r in range(3):
+        assert_close(fedavgm[r], plain[r])
+    assert l2(plain[2], START) > 0.1  # the rounds did move the adapters
+
+
+@pytest.mark.parametrize("lr, momentum", [(None, 0.9), (0.7, 0.5)])
+def test_fedavgm_follows_the_momentum_recursion(lr, momentum):
+    agg = make(settings=AggregationSettings(server_optimizer="momentum", server_lr=lr, server_momentum=momentum))
+    step = 1.0 if lr is None else lr  # the default server lr of momentum is 1.0
+    x = {k: START[k].double() for k in LAYOUT}
+    v = {k: torch.zeros(s, dtype=torch.float64) for k, s in LAYOUT.items()}
+    for r in range(3):
+        base = agg.latest()[1] or START
+        updates = round_updates(base, r)
+        for c in (2, 0, 1):
+            agg.submit(c, r, updates[c], HONEST_WEIGHTS[c])
+        delta = mean_delta(updates, base, HONEST_WEIGHTS)
+        for k in LAYOUT:
+            v[k] = momentum * v[k] - delta[k]  # v = m v + g, with g = -delta
+            x[k] = x[k] - step * v[k]
+        assert_close(agg.result(r), x, 1e-5)
+        plain = {k: base[k].double() + delta[k] for k in LAYOUT}
+        if r > 0:  # from round 1 on, the momentum makes it differ from plain averaging
+            assert l2(agg.result(r), plain) > 0.01
+
+
+@pytest.mark.parametrize("lr, eps", [(None, None), (0.05, 0.02)])
+def test_fedadam_first_round_moves_each_coordinate_by_about_lr(lr, eps):
+    settings = AggregationSettings(server_optimizer="adam", server_lr=lr)
+    if eps is not None:
+        settings.server_epsilon = eps
+    step, eps = (0.01 if lr is None else lr), (1e-3 if eps is None else eps)  # defaults: lr 0.01, eps 1e-3
+    agg = make(settings=settings)
+    for c in range(3):
+        agg.submit(c, 0, HONEST[c], HONEST_WEIGHTS[c])
+    g = {k: -d for k, d in mean_delta(HONEST, START, HONEST_WEIGHTS).items()}
+    # bias-corrected: m_hat = g, v_hat = g^2, so x = x - lr * g / (|g| + eps)
+    expected = {k: START[k].double() - step * g[k] / (g[k].abs() + eps) for k in LAYOUT}
+    assert_close(agg.result(0), expected, 1e-6)
+
+
+def test_fedadam_matches_torch_adam_over_rounds():
+    agg = make(settings=AggregationSettings(server_optimizer="adam", server_lr=0.05, server_betas=[0.8, 0.9],
+                                            server_epsilon=1e-2))
+    params = [START[k].clone() for k in LAYOUT]
+    ref = torch.optim.Adam(params, lr=0.05, betas=(0.8, 0.9), eps=1e-2)
+    for r in range(3):
+        base = agg.latest()[1] or START
+        updates = round_updates(base, r)
+        for c in range(3):
+            agg.submit(c, r, updates[c], HONEST_WEIGHTS[c])
+        delta = mean_delta(updates, base, HONEST_WEIGHTS)
+        for p, k in zip(params, LAYOUT):
+            p.grad = (-delta[k]).float()
+        ref.step()
+        assert_close(agg.result(r), dict(zip(LAYOUT, params)), 1e-6)
+
+
+@pytest.mark.parametrize("settings", [AggregationSettings(strategy="median"), AggregationSettings(norm_bound=0.3)],
+                         ids=["median", "norm_bound"])
+def test_server_optimizer_steps_with_the_strategys_combined_delta(settings):
+    settings.server_optimizer, settings.server_lr, settings.server_momentum = "momentum", 2.0, 0.5
+    agg = make(settings=settings)
+    x = {k: START[k].double() for k in LAYOUT}
+    v = {k: torch.zeros(s, dtype=torch.float64) for k, s in LAYOUT.items()}
+    for r in range(2):
+        base = agg.latest()[1] or START
+        updates = round_updates(base, r)
+        for c in range(3):
+            agg.submit(c, r, updates[c], HONEST_WEIGHTS[c])
+        deltas = [{k: u[k].double() - base[k].double() for k in LAYOUT} for u in updates]
+        if settings.strategy == "median":  # 3 clients: the middle value
+            delta = {k: torch.stack([d[k] for d in deltas]).median(dim=0).values for k in LAYOUT}
+        else:
+            norms = [sum(float(t.pow(2).sum()) for t in d.values()) ** 0.5 for d in deltas]
+            assert max(norms) > 0.3  # the bound does clip
+            deltas = [{k: t * min(1.0, 0.3 / n) for k, t in d.items()} for d, n in zip(deltas, norms)]
+            total = float(sum(HONEST_WEIGHTS))
+            delta = {k: sum(d[k] * (w / total) for d, w in zip(deltas, HONEST_WEIGHTS)) for k in LAYOUT}
+        for k in LAYOUT:
+            v[k] = 0.5 * v[k] - delta[k]
+            x[k] = x[k] - 2.0 * v[k]
+        assert_close(agg.result(r), x, 1e-5)
+
+
+@pytest.mark.parametrize("kind", ["momentum", "adam"])
+def test_server_optimizer_state_survives_a_checkpoint(kind, tmp_path):
+    settings = AggregationSettings(server_optimizer=kind)
+    agg = make(settings=settings)
+    run_rounds(agg, range(2))
+    state = agg.state_dict()
+    assert state["round"] == 1 and state["server_optimizer"] == kind and state["server_optim"]["state"]
+    ckpt.save(tmp_path / "server.ckpt", state)  # as the trunk server saves it: torch.load(weights_only=True) reads it
+    third = run_rounds(agg, range(2, 3))[0]  # the original steps on: the saved state must not change with it
+    for resumed_state in (state, ckpt.load(tmp_path / "server.ckpt")):
+        resumed = make(settings=AggregationSettings(server_optimizer=kind))
+        resumed.load_state_dict(resumed_state)
+        assert_same(run_rounds(resumed, range(2, 3))[0], third)
+    forgetful = make(settings=AggregationSettings(server_optimizer=kind))  # the aggregate alone is not enough
+    forgetful.load_state_dict({"round": 1, "aggregate": state["aggregate"]})
+    assert l2(run_rounds(forgetful, range(2, 3))[0], third) > 1e-4
+
+
+def test_resumed_server_optimizer_takes_its_hyperparameters_from_the_settings():
+    agg = make(settings=AggregationSettings(server_optimizer="momentum", server_lr=1.0, server_momentum=0.9))
+    run_rounds(agg, range(2))
+    resumed = make(settings=AggregationSettings(server_optimizer="momentum", server_lr=0.25, server_momentum=0.5))
+    resumed.load_state_dict(agg.state_dict())
+    group = resumed.server_optim.param_groups[0]
+    assert (group["lr"], group["momentum"]) == (0.25, 0.5)
+    assert resumed.server_optim.state_dict()["state"]  # while the momentum buffer is the checkpoint's
+
+
+def test_state_without_a_server_optimizer_state_starts_it_fresh():
+    old = make()  # plain averaging: the state has no server optimizer keys, as before there were any
+    run_rounds(old, range(2))
+    state = old.state_dict()
+    assert set(state) == {"round", "aggregate"}
+    settings = AggregationSettings(server_optimizer="momentum", server_lr=0.5)
+    agg = make(settings=settings)
+    agg.load_state_dict(state)
+    assert agg.latest()[0] == 1
+    assert agg.submit(0, 1, HONEST[0], 50) is False  # round 1 is closed
+    base = state["aggregate"]
+    updates = round_updates(base, 2)
+    for c in range(3):
+        agg.submit(c, 2, updates[c], HONEST_WEIGHTS[c])
+    delta = mean_delta(updates, base, HONEST_WEIGHTS)  # a fresh optimizer: the first step is lr * delta
+    assert_close(agg.result(2), {k: base[k].double() + 0.5 * delta[k] for k in LAYOUT}, 1e-6)
+    other = make(settings=AggregationSettings(server_optimizer="adam"))  # another kind's state: started fresh too
+    other.load_state_dict(agg.state_dict())
+    assert other.server_optim.state_dict()["state"] == {}

@@ -45,7 +45,7 @@ def test_server_state_roundtrips(tiny_dirs, tmp_path):
         for p in a.trunk.parameters():
             if p.requires_grad:
                 p.add_(0.5)
-    a.steps = 7
+    a.runtime.steps = 7
     a.aggregator.load_state_dict({"round": 3, "aggregate": {k: v + 1 for k, v in a.aggregator.start.items()}})
     a._round_done(3)
     b = build_server(tiny_dirs["llama"], SplitSettings(1, 1), AdapterSettings(), OptimSettings(), 2, 0,
@@ -172,9 +172,9 @@ def test_server_resumes_from_prev_when_the_latest_checkpoint_is_corrupt(tiny_dir
                             checkpoint=path)
 
     a = server()
-    a.steps = 5
+    a.runtime.steps = 5
     a._round_done(0)
-    a.steps = 9
+    a.runtime.steps = 9
     a._round_done(1)
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF

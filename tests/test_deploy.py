@@ -1,25 +1,15 @@
 """Real processes over loopback: one server and three clients train exactly like the simulation."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
 
-import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from silotune.config import load_config
-from silotune.deploy import make_keys
 from silotune.simulate import run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args):
@@ -30,23 +20,6 @@ def cli(*args):
 
 def wait_listening(proc, timeout=120):
     wait_for(proc, "listening", timeout)
-
-
-@pytest.fixture
-def deployment(tmp_path, tiny_chat_dir):
-    keys = make_keys(tmp_path / "keys", 3, ["localhost", "127.0.0.1"])
-    port = free_port()
-    cfg = {"model": str(tiny_chat_dir), "split": {"head_blocks": 1, "tail_blocks": 1},
-           "adapters": {"lora": {"r": 4}}, "optim": {"lr": 5.0e-3},
-           "data": {"max_train": 48, "max_test": 8, "max_length": 48},
-           "federation": {"clients": 3, "local_steps": 2, "wire_dtype": "fp32"},
-           "train": {"steps": 12, "batch_size": 4},
-           "deploy": {"keys": str(keys), "address": f"127.0.0.1:{port}", "client_timeout": 60.0,
-                      "mutual_tls": True},
-           "output": str(tmp_path / "net")}
-    path = tmp_path / "deploy.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path, port
 
 
 def test_three_client_processes_equal_the_simulation(deployment, tmp_path):

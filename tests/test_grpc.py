@@ -130,7 +130,7 @@ def test_tampered_and_replayed_messages_are_rejected_and_others_keep_training(li
         send(later)
     clients[1].train_step(batches(1)[0])  # the other client goes on (client 0 timed out mid-step)
     assert server.steps == 1 and dep.servicer.rejected["crypto"] == 3
-    assert server.schedule.dropped == [0] and 0 not in server.pending
+    assert server.schedule.dropped == [0] and 0 not in server.schedule.pending
 
 
 def test_wrong_shape_is_rejected_with_a_clear_error(live):

@@ -82,7 +82,7 @@ def test_a_client_asking_for_a_forgotten_round_gets_the_newest_average(server):
 
 
 def test_a_holder_out_of_the_rotation_is_not_dropped_twice():
-    schedule = Sequential(1, timeout=0.01)
+    schedule = Sequential(1, None, timeout=0.01)
     time.sleep(0.02)
     schedule.check_stale()
     time.sleep(0.02)

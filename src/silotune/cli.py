@@ -13,7 +13,8 @@ from .errors import ConfigError, SiloTuneError
 
 FLAG_KEYS = {"model": "model", "task": "data.task", "clients": "federation.clients", "steps": "train.steps",
              "method": "adapters.method", "partition": "data.partition", "alpha": "data.alpha",
-             "seed": "train.seed", "out": "output"}
+             "seed": "train.seed", "out": "output", "schedule": "federation.schedule", "device": "compute.device",
+             "dtype": "compute.dtype"}
 
 
 def config_args(p: argparse.ArgumentParser, config_help: str) -> None:
@@ -44,6 +45,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--partition", choices=["iid", "dirichlet"], help="how data is split across clients")
     s.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller: more skewed)")
     s.add_argument("--seed", type=int, help="random seed")
+    s.add_argument("--schedule", choices=["sequential", "client-batch", "hierarchical"],
+                   help="how the server interleaves clients (federation.schedule)")
+    s.add_argument("--device", help="auto | cpu | cuda | cuda:N for every party (compute.device)")
+    s.add_argument("--dtype", choices=["fp32", "bf16"], help="compute dtype of the frozen weights (compute.dtype)")
     s.add_argument("--out", help="run folder (default: runs/latest)")
     s.add_argument("--no-centralized", action="store_true", help="skip the centralized baseline")
     s.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -16,8 +16,9 @@ from pathlib import Path
 import yaml
 
 from .adapters import AdapterSettings
+from .compute import ComputeSettings
 from .errors import ConfigError
-from .federation import SplitSettings
+from .federation import FederationSettings, SplitSettings
 from .privacy.defences import PrivacySettings
 from .server.aggregation import AggregationSettings
 from .server.boundary import BoundarySettings
@@ -33,14 +34,6 @@ class DataSettings:
     max_length: int = 128
     partition: str = "iid"  # iid | dirichlet
     alpha: float = 0.5
-
-
-@dataclass
-class FederationSettings:
-    clients: int = 4
-    schedule: str = "sequential"
-    local_steps: int = 10  # R: FedAvg every R local steps of each client
-    wire_dtype: str = "fp32"
 
 
 @dataclass
@@ -82,6 +75,7 @@ class RunConfig:
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
     boundary: BoundarySettings = field(default_factory=BoundarySettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    compute: ComputeSettings = field(default_factory=ComputeSettings)
     centralized: bool = True
     output: str = "runs/latest"
 
@@ -210,12 +204,8 @@ def validate(cfg: RunConfig, where: str, two_part: bool = False) -> None:
     for key in ("max_pending_per_peer", "max_pending"):
         if getattr(cfg.deploy, key) < 1:
             bad(f"deploy.{key}", "must be at least 1")
-    if cfg.federation.clients < 1:
-        bad("federation.clients", "must be at least 1")
-    if cfg.federation.local_steps < 1:
-        bad("federation.local_steps", "must be at least 1")
-    if cfg.federation.schedule != "sequential":
-        bad("federation.schedule", f"unknown schedule {cfg.federation.schedule!r} (available: sequential)")
+    cfg.federation.validate(bad)
+    cfg.compute.validate(bad)
     if cfg.data.partition not in ("iid", "dirichlet"):
         bad("data.partition", f"must be iid or dirichlet, got {cfg.data.partition!r}")
     if cfg.data.alpha <= 0:

@@ -14,21 +14,27 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
+
+import torch
 
 from .atomic import atomic_write
 from .client.loop import client_run
 from .client.runtime import SplitClient
+from .compute import Compute
 from .config import RunConfig
 from .crypto import Identity, load_enrollment, save_enrollment
 from .crypto.certs import make_tls
 from .crypto.identity import CryptoError, read_private_key
+from .errors import ConfigError
 from .federation import build_client_parts, build_server, run_limits
 from .models.loading import load_tokenizer, resolve_model
 from .protocol.codec import wire_dtype
 from .report import adapters_blob
 from .server import checkpoint as ckpt
+from .server import replicas as hier
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +75,33 @@ def server_public(keys: Path) -> bytes:
         raise CryptoError(f"{keys / 'server.pub'}: not a hex public key") from None
 
 
+def _join_replicas(cfg: RunConfig, compute: Compute) -> tuple[hier.Replicas, Compute]:
+    """This process's replica of a hierarchical deployment, from torch.distributed's environment."""
+    found = hier.env_rank()
+    if found is None:
+        raise ConfigError("federation.schedule: hierarchical: start the trunk replicas with torchrun "
+                          f"(torchrun --nproc-per-node {cfg.federation.replicas} --no-python silotune server ...) "
+                          "or set RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT for each")
+    rank, world = found
+    if world != cfg.federation.replicas:
+        raise ConfigError(f"federation.replicas is {cfg.federation.replicas} but WORLD_SIZE is {world}")
+    hier.groups(cfg.federation.clients, world)
+    if compute.device.type == "cuda" and torch.cuda.device_count() > 1:  # one GPU per local replica
+        compute = Compute(torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count()),
+                          compute.dtype)
+    hier.init_group(rank, world, compute.device, timeout_s=cfg.deploy.grace_seconds)
+    return hier.Replicas(rank, world), compute
+
+
 def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Path:
     """Run the trunk server until every client has finished or been gone longer than
     ``deploy.grace_seconds``; writes the trunk adapters and ``summary.json`` (who finished, who
     dropped, refusals by reason) and returns the adapters' path.
 
-    It resumes from ``OUTPUT/server/checkpoint.pt`` when one exists (unless ``fresh``)."""
+    With ``federation.schedule: hierarchical`` this is one trunk replica (its rank from
+    torchrun's environment): it listens on the address's port + rank, serves the clients
+    k with k mod M = rank, and writes under ``OUTPUT/server/replica-R/``.
+    It resumes from its ``checkpoint.pt`` when one exists (unless ``fresh``)."""
     from .transport.admission import AdmissionSettings
     from .transport.grpc_server import SiloTuneServicer, start_server
 
@@ -82,11 +109,17 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
     identity = Identity.load(keys / "server" / "identity.pem", allow_insecure=cfg.deploy.allow_insecure_keys)
     enrolled = load_enrollment(keys / "server" / "enrolled.json")
     model_dir = resolve_model(cfg.model)
-    checkpoint = Path(cfg.output) / "server" / "checkpoint.pt"
+    compute, replicas, out_dir = Compute.resolve(cfg.compute), None, Path(cfg.output) / "server"
+    address = address or cfg.deploy.address
+    if cfg.federation.schedule == "hierarchical":
+        replicas, compute = _join_replicas(cfg, compute)
+        address, out_dir = hier.replica_address(address, replicas.rank), out_dir / f"replica-{replicas.rank}"
+    checkpoint = out_dir / "checkpoint.pt"
     if fresh:
         ckpt.remove(checkpoint)  # and checkpoint.pt.prev
     trunk = build_server(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients, cfg.train.seed,
-                         cfg.deploy.client_timeout, checkpoint, limits=run_limits(cfg), aggregation=cfg.aggregation)
+                         cfg.deploy.client_timeout, checkpoint, limits=run_limits(cfg), aggregation=cfg.aggregation,
+                         federation=cfg.federation, compute=compute, replicas=replicas)
     d = cfg.deploy
     admission = AdmissionSettings(auth_seconds=d.auth_seconds, receive_seconds=d.receive_seconds,
                                   per_peer=d.max_pending_per_peer, total=d.max_pending)
@@ -99,11 +132,13 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
     if not client_ca:
         log.warning("mutual TLS is off: anyone who can reach %s can open calls (they are still refused before "
                     "any work is done for them); set deploy.mutual_tls: true to refuse them at the TLS layer",
-                    address or d.address)
-    server, port = start_server(servicer, address or d.address, tls, client_ca=client_ca)
+                    address)
+    server, port = start_server(servicer, address, tls, client_ca=client_ca)
     channel = ("mutual TLS + " if client_ca else "TLS + ") if tls else ""
-    print(f"silotune server listening on port {port} ({channel}AEAD), "
-          f"waiting for {cfg.federation.clients} clients", flush=True)
+    who = f"replica {replicas.rank} of {replicas.world}, " if replicas else ""
+    log.info("trunk on %s; schedule %s", compute.describe(), cfg.federation.schedule)
+    print(f"silotune server ({who}{cfg.federation.schedule}) listening on port {port} ({channel}AEAD), "
+          f"waiting for clients {trunk.schedule.members}", flush=True)
     try:
         while not trunk.finished.wait(0.5):
             if trunk.presence.over(d.grace_seconds):  # the rest have been gone past the grace period
@@ -111,13 +146,19 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
     finally:
         server.stop(grace=2)
         servicer.close()
-    out = Path(cfg.output) / "server" / "trunk.safetensors"
+        if replicas is not None and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    out = out_dir / "trunk.safetensors"
     atomic_write(out, adapters_blob([trunk.trunk], cfg.adapters.method))
     presence = trunk.presence.report(d.grace_seconds)
     refused = servicer.refusals()
-    summary = {"trunk_steps": trunk.steps, "rounds": trunk.aggregator.latest()[0] + 1, **presence,
+    summary = {"schedule": cfg.federation.schedule, "trunk_steps": trunk.steps,
+               "trunk_passes": getattr(trunk.schedule, "passes", trunk.steps),
+               "rounds": trunk.aggregator.latest()[0] + 1, **presence,
                "turns_expired": trunk.schedule.dropped, "refused": refused}
-    atomic_write(Path(cfg.output) / "server" / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if replicas is not None:
+        summary.update(replica=replicas.rank, replicas=replicas.world, replica_syncs=replicas.syncs)
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     ended = "all clients finished" if not presence["dropped"] else \
         f"clients {presence['dropped']} dropped (gone > {d.grace_seconds:.0f}s), the others finished"
     print(f"{ended}; {trunk.steps} trunk steps; rejected: {refused or 'none'}", flush=True)
@@ -137,8 +178,11 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
     tok = load_tokenizer(model_dir)
     task, rows, parts = prepare_data(cfg, tok)
     idx = parts[client_id]
-    head, tail = build_client_parts(model_dir, cfg.split, cfg.adapters, cfg.train.seed)
+    compute = Compute.resolve(cfg.compute)
+    head, tail = build_client_parts(model_dir, cfg.split, cfg.adapters, cfg.train.seed, compute)
     address = server or cfg.deploy.address
+    if cfg.federation.schedule == "hierarchical":  # its group's replica listens on the port + its rank
+        address = hier.replica_address(address, hier.replica_of(client_id, cfg.federation.replicas))
     transport = GrpcTransport(address, client_id, identity, server_public(keys),
                               tls_root=_read(keys / "ca.crt") if cfg.deploy.tls else None,
                               wire_dtype=wire_dtype(cfg.federation.wire_dtype),
@@ -146,7 +190,7 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
                                           read_private_key(keys / "clients" / f"client-{client_id}.key",
                                                            cfg.deploy.allow_insecure_keys))
                               if cfg.deploy.tls and cfg.deploy.mutual_tls else None)
-    client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed)
+    client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed, compute)
     stream = client_stream(cfg, tok, rows, idx, client_id)
     plan = budget(cfg)
     first_round = client.join()

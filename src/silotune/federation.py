@@ -1,9 +1,10 @@
 """Wire a trunk server and N clients together: the same parties for every transport.
 
-``build_parties`` loads each party's own stages from disk (the server only the trunk,
-each client only its head and tail), applies the fine-tuning method to the parts that
-train, and connects each client to the server through a transport made by
-``connect(server)`` (in-process by default).
+``build_server`` assembles the server's roles (trunk runtime, schedule, aggregation
+strategy, boundary checks, checkpoints); ``build_parties`` loads each party's own stages
+from disk (the server only the trunk, each client only its head and tail), applies the
+fine-tuning method to the parts that train, and connects each client to the server
+through a transport made by ``connect(server)`` (in-process by default).
 """
 
 from __future__ import annotations
@@ -17,10 +18,14 @@ import torch
 
 from .adapters import AdapterSettings, apply_method, trained_layers
 from .client.runtime import SplitClient, adapter_state
+from .compute import Compute, fp32_trainables
 from .models.partition import load_stage
 from .privacy.defences import PrivacySettings
 from .server.aggregation import AggregationSettings, Aggregator
-from .server.boundary import Limits
+from .server.boundary import Boundary, Limits
+from .server.replicas import Replicas
+from .server.runtime import TrunkRuntime
+from .server.schedules import SCHEDULES, ClientBatch, Schedule, Sequential
 from .server.trunk import TrunkServer
 from .train.optim import OptimSettings
 from .transport.base import Transport
@@ -31,6 +36,36 @@ from .transport.inprocess import InProcessTransport
 class SplitSettings:
     head_blocks: int = 2
     tail_blocks: int = 2
+
+
+@dataclass
+class FederationSettings:
+    clients: int = 4
+    schedule: str = "sequential"
+    """How the server interleaves clients: ``sequential``, ``client-batch`` or ``hierarchical``."""
+    local_steps: int = 10
+    """R: FedAvg every R local steps of each client (and, when hierarchical, the trunk replicas are averaged)."""
+    wire_dtype: str = "fp32"
+    batch_clients: int = 4
+    """client-batch: at most this many clients' steps share one trunk pass (K)."""
+    batch_wait: float = 2.0
+    """client-batch: seconds a gathering (or a backward) waits for the group's slower members."""
+    replicas: int = 2
+    """hierarchical: trunk replicas (M), each serving clients k with k mod M = its rank."""
+
+    def validate(self, bad) -> None:
+        if self.clients < 1:
+            bad("federation.clients", "must be at least 1")
+        if self.local_steps < 1:
+            bad("federation.local_steps", "must be at least 1")
+        if self.schedule not in SCHEDULES:
+            bad("federation.schedule", f"unknown schedule {self.schedule!r} (available: {', '.join(SCHEDULES)})")
+        if self.batch_clients < 1:
+            bad("federation.batch_clients", "must be at least 1")
+        if not self.batch_wait > 0:
+            bad("federation.batch_wait", "must be positive (seconds)")
+        if self.schedule == "hierarchical" and not 1 <= self.replicas <= self.clients:
+            bad("federation.replicas", f"must be in 1..{self.clients} (every replica serves at least one client)")
 
 
 def _layers(stage, adapters: AdapterSettings, split: SplitSettings) -> set[int]:
@@ -44,27 +79,46 @@ def run_limits(cfg) -> Callable[[object], Limits]:
                                                cfg.federation.local_steps)
 
 
+def make_schedule(fed: FederationSettings | None, members, runtime: TrunkRuntime,
+                  client_timeout: float | None) -> Schedule:
+    """The configured schedule over ``members``; each replica of a hierarchical run serves its group in turn."""
+    if fed is not None and fed.schedule == "client-batch":
+        return ClientBatch(members, runtime, fed.batch_clients, fed.batch_wait, client_timeout)
+    return Sequential(members, runtime, client_timeout)
+
+
 def build_server(model_dir: Path, split: SplitSettings, adapters: AdapterSettings,
                  optim: OptimSettings, n_clients: int, seed: int,
                  client_timeout: float | None = None, checkpoint: Path | None = None, *,
                  limits: Callable[[object], Limits] | None = None,
-                 aggregation: AggregationSettings | None = None) -> TrunkServer:
-    """The trunk server. It also builds the clients' initial head and tail (public base weights, the
-    same seeded adapters) to know the adapter layout every update must match, never trusting a client's."""
-    trunk = load_stage(model_dir, "trunk", split.head_blocks, split.tail_blocks)
+                 aggregation: AggregationSettings | None = None, federation: FederationSettings | None = None,
+                 compute: Compute | None = None, replicas: Replicas | None = None) -> TrunkServer:
+    """The trunk server (one replica of it, with ``replicas``). It also builds the clients' initial head and
+    tail (public base weights, the same seeded adapters) to know the adapter layout every update must match,
+    never trusting a client's."""
+    compute = compute or Compute.default()
+    trunk = load_stage(model_dir, "trunk", split.head_blocks, split.tail_blocks, compute.dtype, compute.device)
     apply_method(trunk, adapters, seed, _layers(trunk, adapters, split))
+    trunk.to(compute.device)
+    fp32_trainables(trunk)
     with torch.random.fork_rng():  # building them must not move the run's random stream
         start = adapter_state(*build_client_parts(model_dir, split, adapters, seed))
     lim = limits(trunk.config) if limits else Limits.unbounded(trunk.config)
     aggregator = Aggregator(n_clients, {k: tuple(v.shape) for k, v in start.items()}, start, aggregation,
                             max_examples=lim.max_examples)
-    return TrunkServer(trunk, n_clients, optim, aggregator, client_timeout, checkpoint, lim)
+    boundary = Boundary(lim)
+    runtime = TrunkRuntime(trunk, optim, boundary, compute)
+    members = replicas.members(n_clients) if replicas is not None else n_clients
+    schedule = make_schedule(federation, members, runtime, client_timeout)
+    return TrunkServer(runtime, schedule, aggregator, boundary, checkpoint, replicas)
 
 
-def build_client_parts(model_dir: Path, split: SplitSettings, adapters: AdapterSettings, seed: int):
-    """The head and tail every client starts from (identical initial adapters)."""
-    head = load_stage(model_dir, "head", split.head_blocks, split.tail_blocks)
-    tail = load_stage(model_dir, "tail", split.head_blocks, split.tail_blocks)
+def build_client_parts(model_dir: Path, split: SplitSettings, adapters: AdapterSettings, seed: int,
+                       compute: Compute | None = None):
+    """The head and tail every client starts from (identical initial adapters), in the compute dtype."""
+    dtype = compute.dtype if compute is not None else torch.float32
+    head = load_stage(model_dir, "head", split.head_blocks, split.tail_blocks, dtype)
+    tail = load_stage(model_dir, "tail", split.head_blocks, split.tail_blocks, dtype)
     apply_method(head, adapters, seed, _layers(head, adapters, split))
     apply_method(tail, adapters, seed, _layers(tail, adapters, split))
     return head, tail
@@ -75,13 +129,18 @@ def build_parties(model_dir: Path, split: SplitSettings, adapters: AdapterSettin
                   privacy: PrivacySettings | None = None,
                   connect: Callable[[TrunkServer], Transport] | None = None,
                   client_timeout: float | None = None, limits: Callable[[object], Limits] | None = None,
-                  aggregation: AggregationSettings | None = None) -> tuple[TrunkServer, list[SplitClient]]:
+                  aggregation: AggregationSettings | None = None, federation: FederationSettings | None = None,
+                  compute: Compute | None = None,
+                  replicas: Replicas | None = None) -> tuple[TrunkServer, list[SplitClient]]:
+    """A trunk server and its clients (with ``replicas``: this replica and the clients of its group)."""
     server = build_server(model_dir, split, adapters, optim, n_clients, seed, client_timeout,
-                          limits=limits, aggregation=aggregation)
+                          limits=limits, aggregation=aggregation, federation=federation, compute=compute,
+                          replicas=replicas)
     connect = connect or (lambda s: InProcessTransport(s, wire_dtype))
-    head, tail = build_client_parts(model_dir, split, adapters, seed)
+    head, tail = build_client_parts(model_dir, split, adapters, seed, compute)
+    members = server.schedule.members
     clients = []
-    for i in range(n_clients):
-        h, t = (head, tail) if i == n_clients - 1 else (copy.deepcopy(head), copy.deepcopy(tail))
-        clients.append(SplitClient(i, h, t, connect(server), optim, privacy=privacy, seed=seed))
+    for i in members:
+        h, t = (head, tail) if i == members[-1] else (copy.deepcopy(head), copy.deepcopy(tail))
+        clients.append(SplitClient(i, h, t, connect(server), optim, privacy=privacy, seed=seed, compute=compute))
     return server, clients

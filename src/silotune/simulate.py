@@ -1,15 +1,22 @@
-"""The simulation recipe: N clients and a trunk server in one process, next to a centralized run.
+"""The simulation recipe: N clients and a trunk server, next to a centralized run.
 
-Both runs use the same model, method, data, seed and number of training examples. The
-federation is the real client and server code wired through the in-process transport;
-the centralized run trains the whole model (one stage holding every block) on the
-union of the clients' data. ``run`` returns the metrics and writes the run folder.
+Both runs use the same model, method, data, seed and training batches: the centralized
+run trains the whole model (one stage holding every block) on the clients' batches in
+the order the sequential schedule serves them (client 0's first, client 1's first, ...),
+so a federation of one client equals it step for step. The federation is the real
+client and server code wired through the in-process transport, each client in its own
+thread (the server's schedule orders their steps); with the hierarchical schedule each
+trunk replica and its clients run in their own process, the replicas joined by a gloo
+(or NCCL) process group. ``run`` returns the metrics and writes the run folder.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -18,7 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import apply_method, trained_layers
-from .client.loop import client_run
+from .client.loop import run_concurrently
+from .compute import Compute, fp32_trainables
 from .config import RunConfig
 from .data import load_task, partition_dirichlet, partition_iid
 from .errors import ConfigError
@@ -27,6 +35,7 @@ from .federation import build_parties, run_limits
 from .models.loading import load_tokenizer, resolve_model
 from .models.partition import load_stage
 from .protocol.codec import wire_dtype
+from .server import replicas as hier
 from .train.batching import BatchStream, encode_example
 from .train.loss import lm_loss
 from .train.optim import Stepper, trainable
@@ -53,8 +62,15 @@ def shards(cfg: RunConfig, train) -> list[list[int]]:
 
 def client_stream(cfg: RunConfig, tok, rows, idx: list[int], client_id: int) -> BatchStream:
     """Client ``client_id``'s endless batches over its shard ``idx``: the same in every process."""
-    return BatchStream([rows[i] for i in idx], cfg.train.batch_size, tok.pad_token_id,
-                       cfg.train.seed + 1 + client_id)
+    pad = tok if isinstance(tok, int) else tok.pad_token_id
+    return BatchStream([rows[i] for i in idx], cfg.train.batch_size, pad, cfg.train.seed + 1 + client_id)
+
+
+def sequential_order(streams: list, steps_per_client: int):
+    """The clients' batches in the order the sequential schedule trains them: one step of each in turn."""
+    for _ in range(steps_per_client):
+        for stream in streams:
+            yield next(stream)
 
 
 def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan, progress=True,
@@ -64,65 +80,167 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
     ``connect(server) -> Transport`` replaces the transport (the audit taps the server's
     side of it) and ``streams`` the clients' batch streams (the audit records which
     examples went into each step); neither changes what is computed."""
-    seed = cfg.train.seed
-    torch.manual_seed(seed)
-    server, clients = build_parties(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients,
-                                    seed, wire_dtype(cfg.federation.wire_dtype), cfg.privacy, connect,
-                                    limits=run_limits(cfg), aggregation=cfg.aggregation)
     if streams is None:
         streams = [client_stream(cfg, tok, rows, idx, k) for k, idx in enumerate(parts)]
-    curve, client_losses = [], [[] for _ in clients]
-    start = time.perf_counter()
-    bar = tqdm(total=plan["centralized_steps"], desc="federated", disable=not progress, unit="step")
-    runs = {c.id: client_run(c, stream, plan["steps_per_client"], cfg.federation.local_steps)
-            for c, stream in zip(clients, streams)}
-    while runs:  # round-robin: the sequential schedule, one client step at a time
-        for cid in list(runs):
-            try:
-                event, value = next(runs[cid])
-            except StopIteration:
-                del runs[cid]
-                continue
-            if event == "step":
-                client_losses[cid].append(value)
-                curve.append(value)
-                bar.update(1)
-                bar.set_postfix(client=cid, loss=f"{value:.3f}")
-    bar.close()
-    train_time = time.perf_counter() - start
-    wire = [dict(up=c.transport.stats.bytes_up, down=c.transport.stats.bytes_down,
-                 messages=c.transport.stats.messages) for c in clients]
-    done = {c.id: len(losses) for c, losses in zip(clients, client_losses)}
-    total_steps = sum(done.values())
+    bars: list = []  # made at the first step, so that set-up errors print alone
+    bar_lock = threading.Lock()
+
+    def on_step(cid, loss):
+        with bar_lock:
+            if not bars:
+                bars.append(tqdm(total=plan["centralized_steps"], desc=f"federated ({cfg.federation.schedule})",
+                                 disable=not progress, unit="step"))
+            bars[0].update(1)
+            bars[0].set_postfix(client=cid, loss=f"{loss:.3f}")
+
+    if cfg.federation.schedule == "hierarchical":
+        server, clients, client_losses, wire, extra = _run_hierarchical(cfg, model_dir, streams, plan, on_step)
+        train_time = extra.pop("train_seconds")  # from when every replica had loaded its parts
+    else:
+        server, clients = _parties(cfg, model_dir, connect)
+        start = time.perf_counter()
+        client_losses = run_concurrently(clients, streams, plan["steps_per_client"], cfg.federation.local_steps,
+                                         on_step)
+        train_time = time.perf_counter() - start
+        wire = [_wire(c) for c in clients]
+        extra = {}
+    if bars:
+        bars[0].update(plan["centralized_steps"] - bars[0].n)  # other replicas' steps (their own processes)
+        bars[0].close()
+    curve = [losses[s] for s in range(plan["steps_per_client"]) for losses in client_losses if s < len(losses)]
+    total_steps = sum(len(losses) for losses in client_losses)
     metrics = evaluate(clients[0].logits, tok, task, cfg.data.max_length, cfg.train.eval_batch_size,
                        cfg.train.max_new_tokens)
     train_bytes = sum(w["up"] + w["down"] for w in wire)
     per_client = []
-    for client, idx, losses, w in zip(clients, parts, client_losses, wire):
+    for cid, (idx, losses, w) in enumerate(zip(parts, client_losses, wire)):
         labels = Counter(task.train[i].label for i in idx)
         last = losses[-cfg.federation.local_steps:]
-        per_client.append({"client": client.id, "examples": len(idx), "steps": done[client.id],
+        per_client.append({"client": cid, "examples": len(idx), "steps": len(losses),
                            "label_counts": {str(k): v for k, v in sorted(labels.items(), key=str)},
                            "final_loss": sum(last) / max(len(last), 1),
                            "bytes_up": w["up"], "bytes_down": w["down"]})
+    schedule = server.schedule
+    extra.setdefault("trunk_passes", getattr(schedule, "passes", server.steps))
     return {"metrics": metrics, "curve": curve, "train_seconds": train_time, "steps": total_steps,
             "examples": total_steps * cfg.train.batch_size, "rounds": plan["rounds"],
+            "samples_per_second": total_steps * cfg.train.batch_size / max(train_time, 1e-9),
             "bytes_per_step": train_bytes / max(total_steps, 1), "clients": per_client,
+            "schedule": cfg.federation.schedule, "trunk_steps": server.steps, **extra,
             "_parties": (server, clients)}
 
 
-def run_centralized(cfg: RunConfig, model_dir: Path, tok, task, rows, plan, progress=True) -> dict:
+def _wire(client) -> dict:
+    s = client.transport.stats
+    return dict(up=s.bytes_up, down=s.bytes_down, messages=s.messages)
+
+
+def _parties(cfg: RunConfig, model_dir: Path, connect=None, replicas=None):
+    torch.manual_seed(cfg.train.seed)
+    return build_parties(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients, cfg.train.seed,
+                         wire_dtype(cfg.federation.wire_dtype), cfg.privacy, connect, limits=run_limits(cfg),
+                         aggregation=cfg.aggregation, federation=cfg.federation,
+                         compute=Compute.resolve(cfg.compute), replicas=replicas)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _replica(rank: int, world: int, init: str, cfg: RunConfig, model_dir: Path, streams, plan, on_step=None):
+    """One trunk replica and its group's clients (threads), joined to the other replicas' processes."""
+    compute = Compute.resolve(cfg.compute)
+    if compute.device.type == "cuda" and torch.cuda.device_count() > 1:
+        compute = Compute(torch.device("cuda", rank % torch.cuda.device_count()), compute.dtype)
+        cfg.compute.device = str(compute.device)
+    hier.init_group(rank, world, compute.device, init)
+    replicas = hier.Replicas(rank, world)
+    server, clients = _parties(cfg, model_dir, replicas=replicas)
+    torch.distributed.barrier()  # every replica loaded: training starts together (and is timed from here)
+    start = time.perf_counter()
+    losses = run_concurrently(clients, [streams[c.id] for c in clients], plan["steps_per_client"],
+                              cfg.federation.local_steps, on_step)
+    replicas.train_seconds = time.perf_counter() - start
+    return server, clients, losses, replicas
+
+
+def _replica_process(rank, world, init, cfg, model_dir, streams, plan, threads, queue) -> None:
+    torch.set_num_threads(threads)
+    try:
+        server, clients, losses, replicas = _replica(rank, world, init, cfg, model_dir, streams, plan)
+        queue.put((rank, {c.id: (loss, _wire(c)) for c, loss in zip(clients, losses)},
+                   server.steps, replicas.fingerprints, None))
+    except BaseException as exc:
+        queue.put((rank, {}, 0, [], f"{type(exc).__name__}: {exc}"))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run_hierarchical(cfg: RunConfig, model_dir: Path, streams, plan, on_step):
+    """M replica processes (this one is replica 0); returns replica 0's parties and every client's losses."""
+    import torch.multiprocessing as mp
+
+    world, n = cfg.federation.replicas, cfg.federation.clients
+    hier.groups(n, world)  # refuses impossible assignments before any process starts
+    threads = max(1, (os.cpu_count() or 1) // world)
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_replica_process, args=(r, world, init, cfg, model_dir, streams, plan, threads, queue),
+                         daemon=True) for r in range(1, world)]
+    for p in procs:
+        p.start()
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        server, clients, losses, replicas = _replica(0, world, init, cfg, model_dir, streams, plan, on_step)
+        results = {c.id: (loss, _wire(c)) for c, loss in zip(clients, losses)}
+        steps, prints = server.steps, {0: replicas.fingerprints}
+        for _ in procs:
+            rank, got, trunk_steps, fingerprints, error = queue.get(timeout=600)
+            if error:
+                raise RuntimeError(f"replica {rank} failed: {error}")
+            results.update(got)
+            steps += trunk_steps
+            prints[rank] = fingerprints
+    finally:
+        torch.set_num_threads(before)
+        for p in procs:
+            p.join(timeout=30)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    client_losses = [results[k][0] for k in range(n)]
+    wire = [results[k][1] for k in range(n)]
+    return server, clients, client_losses, wire, {
+        "replicas": world, "replica_syncs": len(prints[0]), "trunk_steps_all_replicas": steps,
+        "train_seconds": replicas.train_seconds,
+        "replica_fingerprints": [prints[r] for r in range(world)]}  # equal lists: identical trunks at every sync
+
+
+def run_centralized(cfg: RunConfig, model_dir: Path, tok, task, rows, plan, progress=True, parts=None) -> dict:
+    """The whole model trained on the federation's batches, in the sequential schedule's order
+    (``parts``: the clients' shards; None: one stream over all rows)."""
     seed = cfg.train.seed
     torch.manual_seed(seed)
-    model = load_stage(model_dir, "full")
+    compute = Compute.resolve(cfg.compute)
+    model = load_stage(model_dir, "full", dtype=compute.dtype, device=compute.device)
     apply_method(model, cfg.adapters, seed,
                  trained_layers(model.config, cfg.adapters, cfg.split.head_blocks, cfg.split.tail_blocks))
+    model.to(compute.device)
+    fp32_trainables(model)
     stepper = Stepper(trainable(model), cfg.optim)
-    stream = BatchStream(rows, cfg.train.batch_size, tok.pad_token_id, seed)
+    if parts is None:
+        batches = iter(BatchStream(rows, cfg.train.batch_size, tok.pad_token_id, seed))
+    else:
+        streams = [client_stream(cfg, tok, rows, idx, k) for k, idx in enumerate(parts)]
+        batches = sequential_order(streams, plan["steps_per_client"])
     curve = []
     start = time.perf_counter()
     for _ in tqdm(range(plan["centralized_steps"]), desc="centralized", disable=not progress, unit="step"):
-        batch = next(stream)
+        batch = {k: compute.to_device(v) for k, v in next(batches).items()}
         stepper.zero_grad()
         loss = lm_loss(model(batch["input_ids"], batch["lengths"]), batch["labels"])
         loss.backward()
@@ -130,10 +248,11 @@ def run_centralized(cfg: RunConfig, model_dir: Path, tok, task, rows, plan, prog
         curve.append(loss.item())
     train_time = time.perf_counter() - start
     with torch.no_grad():
-        metrics = evaluate(lambda b: model(b["input_ids"], b["lengths"]), tok, task, cfg.data.max_length,
-                           cfg.train.eval_batch_size, cfg.train.max_new_tokens)
+        metrics = evaluate(lambda b: model(*(compute.to_device(b[k]) for k in ("input_ids", "lengths"))).float().cpu(),
+                           tok, task, cfg.data.max_length, cfg.train.eval_batch_size, cfg.train.max_new_tokens)
     return {"metrics": metrics, "curve": curve, "train_seconds": train_time,
             "steps": plan["centralized_steps"], "examples": plan["centralized_steps"] * cfg.train.batch_size,
+            "samples_per_second": plan["centralized_steps"] * cfg.train.batch_size / max(train_time, 1e-9),
             "_model": model}
 
 
@@ -163,6 +282,6 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
               "train_examples": len(task.train), "test_examples": len(task.test), "plan": plan}
     result["federated"] = run_federated(cfg, model_dir, tok, task, rows, parts, plan, progress)
     if cfg.centralized:
-        result["centralized"] = run_centralized(cfg, model_dir, tok, task, rows, plan, progress)
+        result["centralized"] = run_centralized(cfg, model_dir, tok, task, rows, plan, progress, parts)
     write_run(cfg, result, Path(cfg.output))
     return result

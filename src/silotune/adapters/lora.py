@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import cast_adapter_dtype
 
 from ..errors import ConfigError
 from ..models.partition import Stage
@@ -48,6 +49,7 @@ def apply_lora(stage: Stage, settings: LoraSettings, seed: int, layers=None) -> 
         inject_adapter_in_model(config, stage)
     except ValueError as exc:
         raise ConfigError(f"adapters.lora.targets {targets}: {str(exc).splitlines()[0]}") from None
+    cast_adapter_dtype(stage, "default")  # adapters train in float32 over a bf16 (or fp16) base, as PeftModel does
     for name, param in stage.named_parameters():
         param.requires_grad_("lora_" in name)
         if "lora_A" in name:

@@ -488,7 +488,7 @@ def honest_reference(cfg, absent: set[int]) -> dict[str, dict[str, torch.Tensor]
     {'client-K': tensors, 'trunk': tensors}, named as in the full model, as a deployment writes them."""
     from safetensors.torch import load
 
-    from ..client.loop import client_run
+    from ..client.loop import run_concurrently
     from ..federation import build_parties, run_limits
     from ..models.loading import load_tokenizer, resolve_model
     from ..protocol.codec import wire_dtype
@@ -505,12 +505,9 @@ def honest_reference(cfg, absent: set[int]) -> dict[str, dict[str, torch.Tensor]
                                     limits=run_limits(cfg), aggregation=cfg.aggregation)
     for k in absent:
         clients[k].finish()
-    runs = {c.id: client_run(c, client_stream(cfg, tok, rows, parts[c.id], c.id), plan["steps_per_client"],
-                             cfg.federation.local_steps) for c in clients if c.id not in absent}
-    while runs:  # the sequential schedule's order, as in simulate
-        for cid in list(runs):
-            if next(runs[cid], None) is None:
-                del runs[cid]
+    present = [c for c in clients if c.id not in absent]
+    run_concurrently(present, [client_stream(cfg, tok, rows, parts[c.id], c.id) for c in present],
+                     plan["steps_per_client"], cfg.federation.local_steps)  # as in simulate
     out = {f"client-{c.id}": load(adapters_blob([c.head, c.tail], cfg.adapters.method))
            for c in clients if c.id not in absent}
     out["trunk"] = load(adapters_blob([server.trunk], cfg.adapters.method))

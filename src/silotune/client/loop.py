@@ -4,15 +4,20 @@ Each update carries the number of examples the client trained on in that round (
 FedAvg weight; the server refuses more than a round can hold). It yields
 ``("step", loss)`` after every local step, ``("pushed", round)`` after sending its
 update and ``("wait", round)`` while the round's average is not ready. A client process
-simply runs it to the end (sleeping on "wait"); the simulation advances all clients'
-generators in round-robin order, which is the sequential schedule the server enforces,
-so both execute the same client code in the same order.
+simply runs it to the end (sleeping on "wait").
+
+``run_concurrently`` is the simulation's driver: one thread per client, each running
+this loop against the server, so the server's schedule (not the driver) decides which
+steps run when, exactly as with client processes over the network.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 
+from ..protocol.messages import Control
 from .runtime import SplitClient
 
 
@@ -36,3 +41,46 @@ def client_run(client: SplitClient, batches: Iterator[dict], steps: int, local_s
                 pushed_in = client.transport.epoch
             yield "wait", round_
         round_ += 1
+
+
+def run_concurrently(clients: list[SplitClient], streams: list, steps: int, local_steps: int,
+                     on_step=None, poll: float = 0.002) -> list[list[float]]:
+    """Run every client's loop in its own thread, as separate processes would, and say goodbye at the
+    end; returns each client's losses. ``on_step(client_id, loss)`` is called after every step (from the
+    client's thread). The server's schedule decides the order of the steps, so a schedule that waits for
+    several clients (client-batch) gets them; if one client fails, the others stop and its error is raised."""
+    losses: list[list[float]] = [[] for _ in clients]
+    errors: list[BaseException] = []
+    failed = threading.Event()
+
+    def body(k: int) -> None:
+        client = clients[k]
+        try:
+            for event, value in client_run(client, streams[k], steps, local_steps):
+                if failed.is_set():
+                    raise RuntimeError("stopped: another client failed")
+                if event == "step":
+                    losses[k].append(value)
+                    if on_step is not None:
+                        on_step(client.id, value)
+                elif event == "wait":
+                    time.sleep(poll)
+            client.finish()
+        except BaseException as exc:
+            if not failed.is_set():
+                errors.append(exc)
+            failed.set()
+            try:
+                client.transport.call(Control(client.id, client.step, command="bye"))  # let the others go on
+            except Exception:
+                pass
+
+    threads = [threading.Thread(target=body, args=(k,), name=f"client-{c.id}", daemon=True)
+               for k, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return losses

@@ -4,6 +4,11 @@ Tokens and labels never leave this object: only the head's output ``h1``, per-sa
 lengths and the tail's gradient ``dL/dh2`` go to the server, through whatever transport
 the client was given, each after the client's privacy defences (``privacy.defences``:
 clipping and noise) have been applied.
+
+The head and tail run on the client's device in its compute dtype (``compute.Compute``);
+what goes to the transport is always a CPU float32 tensor (``to_wire``) and what comes back
+is moved onto the device. The defences run on the wire tensor (CPU, float32), so a client's
+noise stream does not depend on its device.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import logging
 import torch
 
 from ..adapters import load_trainable_state, trainable_state
-from ..errors import ProtocolError, StepAborted
+from ..compute import Compute, dtype_name, fp32_trainables, to_wire
+from ..errors import ModelError, ProtocolError, StepAborted
 from ..models.partition import Stage
 from ..privacy.defences import ClientDefence, PrivacySettings
 from ..protocol.messages import Aggregation, Control, ForwardActivations, Gradients, ReturnedActivations
@@ -26,19 +32,29 @@ log = logging.getLogger(__name__)
 
 
 def adapter_state(head: Stage, tail: Stage) -> dict[str, torch.Tensor]:
-    """A client's trainable head and tail tensors as one update, named ``head.*`` / ``tail.*``."""
-    state = {f"head.{k}": v for k, v in trainable_state(head).items()}
-    state.update({f"tail.{k}": v for k, v in trainable_state(tail).items()})
+    """A client's trainable head and tail tensors as one update, named ``head.*`` / ``tail.*`` (CPU, float32)."""
+    state = {f"head.{k}": to_wire(v) for k, v in trainable_state(head).items()}
+    state.update({f"tail.{k}": to_wire(v) for k, v in trainable_state(tail).items()})
     return state
 
 
 class SplitClient:
     def __init__(self, client_id: int, head: Stage, tail: Stage, transport: Transport,
-                 optim: OptimSettings, privacy: PrivacySettings | None = None, seed: int = 0):
+                 optim: OptimSettings, privacy: PrivacySettings | None = None, seed: int = 0,
+                 compute: Compute | None = None):
+        """``compute``: where the head and tail run (default: where their weights are, in their dtype);
+        the stages are moved to its device and must already hold their base weights in its dtype."""
         self.id = client_id
         self.head, self.tail = head, tail
         if getattr(head.config, "tie_word_embeddings", False):
             tail.lm_head.weight = head.embed.weight  # one tensor, as in the unsplit model
+        self.compute = compute or Compute.of(head)
+        for stage in (head, tail):
+            if (found := Compute.of(stage).dtype) != self.compute.dtype:
+                raise ModelError(f"client {client_id}: stage weights are {dtype_name(found)} but the compute dtype "
+                                 f"is {dtype_name(self.compute.dtype)}: load the stages in the compute dtype")
+            stage.to(self.compute.device)  # adapters made after loading (prefixes) are still on the CPU
+        fp32_trainables(head, tail)  # adapters train in float32 over a bf16 base
         self.transport = transport
         self.stepper = Stepper(trainable(head, tail), optim)
         self.defence = ClientDefence(privacy, seed * 1000 + client_id)
@@ -47,7 +63,9 @@ class SplitClient:
 
     # ---- one U-shaped split step ----
     def _head(self, batch) -> torch.Tensor:
-        return self.defence.activations(self.head(batch["input_ids"], batch["lengths"]), batch["lengths"])
+        """The head's output as it leaves the client: defended, on the CPU in float32, still differentiable."""
+        h1 = self.head(self.compute.inputs(batch["input_ids"]), self.compute.to_device(batch["lengths"]))
+        return self.defence.activations(h1.to("cpu", torch.float32), batch["lengths"].cpu())
 
     def _expect(self, reply, cls):
         if not isinstance(reply, cls):
@@ -76,14 +94,15 @@ class SplitClient:
         sent = drop_last_token(batch)  # the last token predicts nothing: never send it
         h1 = self._head(sent)
         reply = self._expect(self.transport.call(
-            ForwardActivations(self.id, self.step, hidden=h1.detach(), lengths=sent["lengths"])),
+            ForwardActivations(self.id, self.step, hidden=to_wire(h1), lengths=to_wire(sent["lengths"]))),
             ReturnedActivations)
-        h2 = reply.hidden.detach().requires_grad_(True)
-        loss = lm_loss(self.tail(h2, sent["lengths"]), batch["labels"])
+        h2 = self.compute.inputs(reply.hidden).detach().requires_grad_(True)
+        logits = self.tail(h2, self.compute.to_device(sent["lengths"]))
+        loss = lm_loss(logits, self.compute.to_device(batch["labels"]))  # in float32
         loss.backward()
-        grad = self.defence.gradients(h2.grad, sent["lengths"])
-        reply = self._expect(self.transport.call(Gradients(self.id, self.step, grad=grad)), Gradients)
-        if h1.requires_grad:
+        grad = self.defence.gradients(to_wire(h2.grad), sent["lengths"].cpu())
+        reply = self._expect(self.transport.call(Gradients(self.id, self.step, grad=to_wire(grad))), Gradients)
+        if h1.requires_grad:  # h1 is the CPU float32 copy: autograd carries dL/dh1 back to the device and dtype
             h1.backward(reply.grad.to(h1.dtype))
         self.stepper.step()
         self.examples_seen += batch["input_ids"].shape[0]
@@ -91,18 +110,19 @@ class SplitClient:
 
     @torch.no_grad()
     def logits(self, batch) -> torch.Tensor:
-        """Split inference: the full model's logits for a batch, without training."""
+        """Split inference: the full model's logits for a batch (CPU, float32), without training."""
         h1 = self._head(batch)
         reply = self._expect(self.transport.call(
-            ForwardActivations(self.id, self.step, hidden=h1, lengths=batch["lengths"], train=False)),
+            ForwardActivations(self.id, self.step, hidden=to_wire(h1), lengths=to_wire(batch["lengths"]), train=False)),
             ReturnedActivations)
-        return self.tail(reply.hidden, batch["lengths"])
+        return to_wire(self.tail(self.compute.inputs(reply.hidden), self.compute.to_device(batch["lengths"])))
 
     # ---- federated averaging of head and tail adapters ----
     def adapter_state(self) -> dict[str, torch.Tensor]:
         return adapter_state(self.head, self.tail)
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load an aggregate (CPU float32): ``copy_`` moves each tensor onto its parameter's device and dtype."""
         load_trainable_state(self.head, {k[5:]: v for k, v in state.items() if k.startswith("head.")})
         load_trainable_state(self.tail, {k[5:]: v for k, v in state.items() if k.startswith("tail.")})
 

@@ -206,8 +206,9 @@ def build_stage(config, part: str, a: int = 1, c: int = 1) -> Stage:
 
 
 def load_stage(model_dir: str | Path, part: str, a: int = 1, c: int = 1,
-               dtype: torch.dtype = torch.float32) -> Stage:
-    """Materialise one stage with only its own weights read from disk."""
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Stage:
+    """Materialise one stage with only its own weights read from disk, then move it to ``device``
+    (None: the CPU) and ``dtype``. The rotary inverse frequencies stay float32, as in HF models."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
     stage = build_stage(config, part, a, c)
@@ -230,9 +231,9 @@ def load_stage(model_dir: str | Path, part: str, a: int = 1, c: int = 1,
     stage.load_state_dict(state, strict=False, assign=True)  # take the tensors read, no second copy
     if tied_head and stage.embed is not None:  # one parameter, as in the unsplit model
         stage.lm_head.weight = stage.embed.weight
-    if stage.rotary is not None:  # non-persistent buffers: rebuild them for real
-        stage.rotary = type(stage.rotary)(config=config)
-    stage.to(dtype)
+    stage.to(device=device or "cpu", dtype=dtype)
+    if stage.rotary is not None:  # non-persistent buffers: rebuild them for real, in float32, on the device
+        stage.rotary = type(stage.rotary)(config=config).to(device or "cpu")
     for p in stage.parameters():
         p.requires_grad_(False)
     return stage.eval()  # base-model dropout off: every party computes deterministically

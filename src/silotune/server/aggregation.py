@@ -41,17 +41,40 @@ How updates are combined (``AggregationSettings``):
   highest deltas of the n clients, and take the plain mean of the rest. Example counts are
   ignored. With too few clients for the fraction (floor(...) = 0) it is the plain mean.
 
-The aggregate is the starting point plus the combined delta, as float32 (the dtype decoded
-messages arrive in). Clients are always taken in client-id order, so a result does not
-depend on the order in which updates arrived.
+With ``server_optimizer: none`` (the default) the aggregate is the starting point plus the
+combined delta, as float32 (the dtype decoded messages arrive in). Clients are always taken
+in client-id order, so a result does not depend on the order in which updates arrived.
+
+Server optimizers (FedOpt, Reddi et al., "Adaptive Federated Optimization"): with N clients
+the head and tail move each round by about the mean of N clients' updates, roughly 1/N of the
+progress N times as many sequential steps would make. ``server_optimizer`` instead treats the
+combined delta Δ (of any strategy, after any norm bound) as a pseudo-gradient g = -Δ and
+steps a ``torch.optim`` optimizer on the aggregate x (float32, starting at ``start``):
+x_r = x_{r-1} - step(g), with x_{r-1} the round's starting point.
+
+- ``momentum`` (FedAvgM): ``torch.optim.SGD``, v = m v + g; x = x - lr v (no Nesterov).
+  Defaults: ``server_lr`` 1.0, ``server_momentum`` 0.9. With lr 1 and momentum 0 it is
+  plain averaging; on a steady direction the step grows to about lr / (1 - m) times Δ.
+- ``adam`` (FedAdam): ``torch.optim.Adam`` (bias-corrected, as torch does it). Defaults:
+  ``server_lr`` 0.01, ``server_betas`` [0.9, 0.99], ``server_epsilon`` 1e-3 (FedOpt's tau).
+  Each coordinate moves by about lr per round whatever the size of Δ, so ``server_lr``
+  needs tuning to the adapters' scale (the first round moves x by lr * g / (|g| + eps)).
+
+Use one with many clients and a small budget of rounds, where plain averaging moves the
+adapters too little; with few clients plain averaging is the safe choice. One optimizer
+lives across rounds (its state: the momentum buffer, or Adam's moments and step count) and
+is saved in ``state_dict`` (``server_optim``); a resumed server continues exactly as if it
+had not stopped. Its hyperparameters always come from the current settings; a checkpoint
+without an optimizer state (older, or of another kind) starts the optimizer afresh.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -60,6 +83,8 @@ from ..errors import ConfigError, ProtocolError, SiloTuneError
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("fedavg", "median", "trimmed_mean")
+SERVER_OPTIMIZERS = ("none", "momentum", "adam")
+DEFAULT_SERVER_LR = {"momentum": 1.0, "adam": 0.01}
 AGGREGATE_DTYPE = torch.float32
 
 
@@ -71,6 +96,16 @@ class AggregationSettings:
     """``trimmed_mean``: the fraction of clients cut from *each* end, per coordinate (0 to < 0.5)."""
     norm_bound: float | None = None
     """L2 bound on each client's delta from the round's starting point; None: no bound."""
+    server_optimizer: str = "none"
+    """Step taken on the aggregate with the combined delta: ``none`` (add it), ``momentum`` (FedAvgM) or ``adam``."""
+    server_lr: float | None = None
+    """The server optimizer's learning rate; None: 1.0 for ``momentum``, 0.01 for ``adam``."""
+    server_momentum: float = 0.9
+    """``momentum``: the momentum factor (0 to < 1)."""
+    server_betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    """``adam``: the decay rates of the first and second moments (two values, each 0 to < 1)."""
+    server_epsilon: float = 1e-3
+    """``adam``: added to the root of the second moment (FedOpt's tau; positive)."""
 
     def validate(self, bad) -> None:
         if self.strategy not in STRATEGIES:
@@ -79,6 +114,18 @@ class AggregationSettings:
             bad("aggregation.trim_fraction", "must be in [0, 0.5): the fraction cut from each end")
         if self.norm_bound is not None and not (self.norm_bound > 0 and math.isfinite(self.norm_bound)):
             bad("aggregation.norm_bound", "must be a positive number (or null for no bound)")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            bad("aggregation.server_optimizer",
+                f"must be one of {', '.join(SERVER_OPTIMIZERS)}, got {self.server_optimizer!r}")
+        if self.server_lr is not None and not _positive(self.server_lr):
+            bad("aggregation.server_lr", "must be a positive number (or null for the optimizer's default)")
+        if not (_number(self.server_momentum) and 0 <= self.server_momentum < 1):
+            bad("aggregation.server_momentum", "must be in [0, 1)")
+        betas = self.server_betas
+        if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_number(b) and 0 <= b < 1 for b in betas)):
+            bad("aggregation.server_betas", f"must be two numbers, each in [0, 1), got {betas!r}")
+        if not _positive(self.server_epsilon):
+            bad("aggregation.server_epsilon", "must be a positive number")
 
 
 class Aggregator:
@@ -94,6 +141,7 @@ class Aggregator:
         self.settings = settings or AggregationSettings()
         self.expected = expected or (lambda: set(range(n_clients)))
         self.participants = participants or (lambda: self.expected())
+        self.gather = None  # server-hierarchical: (round, this replica's updates) -> every replica's updates
         self.max_examples = max_examples
 
         def bad(key, msg):
@@ -112,6 +160,7 @@ class Aggregator:
 
         self.pending: dict[int, tuple[dict[str, torch.Tensor], int]] = {}  # the open round's updates by client
         self.results: dict[int, dict[str, torch.Tensor]] = {}  # aggregates of the last two closed rounds
+        self.server_optim = self._new_server_optim()  # None for ``none``; its parameters hold the aggregate
 
     # ---- receiving updates ----
     def submit(self, client: int, round_: int, tensors: dict[str, torch.Tensor], num_examples: int) -> bool:
@@ -152,6 +201,8 @@ class Aggregator:
     def _try_close(self, round_: int) -> bool:
         if not self.pending or not self.expected() <= set(self.pending):
             return False
+        if self.gather is not None:
+            self.pending = self.gather(round_, self.pending)
         clients = sorted(self.pending)
         updates = [self.pending[c][0] for c in clients]
         weights = [self.pending[c][1] for c in clients]
@@ -169,7 +220,7 @@ class Aggregator:
                  clients: list[int], round_: int) -> dict[str, torch.Tensor]:
         """The aggregate of ``updates`` (in client-id order) for a round starting from ``base``."""
         strategy, bound = self.settings.strategy, self.settings.norm_bound
-        if strategy == "fedavg" and bound is None:
+        if strategy == "fedavg" and bound is None and self.server_optim is None:
             return weighted_mean(updates, weights, AGGREGATE_DTYPE)  # the original FedAvg, bit for bit
         deltas = [{name: u[name].double() - base[name].double() for name in self.layout} for u in updates]
         if bound is not None:
@@ -184,7 +235,54 @@ class Aggregator:
         else:
             cut = int(self.settings.trim_fraction * len(deltas))
             combined = {name: trimmed_mean(torch.stack([d[name] for d in deltas]), cut) for name in self.layout}
+        if self.server_optim is not None:
+            return self._server_step(base, combined)
         return {name: (base[name].double() + combined[name]).to(AGGREGATE_DTYPE) for name in self.layout}
+
+    # ---- the server optimizer ----
+    def _server_hyper(self) -> dict:
+        """The server optimizer's hyperparameters, from the settings."""
+        s = self.settings
+        lr = DEFAULT_SERVER_LR[s.server_optimizer] if s.server_lr is None else s.server_lr
+        if s.server_optimizer == "momentum":
+            return {"lr": lr, "momentum": s.server_momentum, "nesterov": False}
+        return {"lr": lr, "betas": tuple(s.server_betas), "eps": s.server_epsilon}
+
+    def _new_server_optim(self) -> torch.optim.Optimizer | None:
+        """A fresh server optimizer over float32 copies of ``start``, in sorted name order; None for ``none``."""
+        kind = self.settings.server_optimizer
+        if kind == "none":
+            return None
+        params = [self.start[name].clone() for name in sorted(self.layout)]
+        cls = torch.optim.SGD if kind == "momentum" else torch.optim.Adam
+        return cls(params, foreach=False, **self._server_hyper())
+
+    def _server_step(self, base: dict[str, torch.Tensor], combined: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The aggregate after one server optimizer step from ``base`` with the pseudo-gradient -``combined``."""
+        params = dict(zip(sorted(self.layout), self.server_optim.param_groups[0]["params"]))
+        for name, p in params.items():
+            p.copy_(base[name])  # the parameters are the starting point (also right after a resume)
+            p.grad = (-combined[name]).to(AGGREGATE_DTYPE)
+        self.server_optim.step()
+        self.server_optim.zero_grad(set_to_none=True)
+        return {name: params[name].detach().clone() for name in self.layout}
+
+    def _load_server_optim(self, state: dict) -> torch.optim.Optimizer | None:
+        """The server optimizer resumed from ``state`` (fresh when it holds none of this kind)."""
+        optim = self._new_server_optim()
+        saved, kind = state.get("server_optim"), state.get("server_optimizer")
+        if optim is None or saved is None:
+            return optim
+        if kind != self.settings.server_optimizer:
+            log.warning("aggregation state holds a %r server optimizer, not %r: starting it afresh",
+                        kind, self.settings.server_optimizer)
+            return optim
+        try:
+            optim.load_state_dict(copy.deepcopy(saved))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise SiloTuneError(f"aggregation state: the server optimizer state does not load ({exc})") from None
+        optim.param_groups[0].update(self._server_hyper())  # hyperparameters come from the settings
+        return optim
 
     # ---- reading results, checkpoints ----
     def result(self, round_: int) -> dict[str, torch.Tensor] | None:
@@ -200,21 +298,28 @@ class Aggregator:
 
     def state_dict(self) -> dict:
         round_, aggregate = self.latest()
-        return {"round": round_, "aggregate": aggregate or {}}
+        state = {"round": round_, "aggregate": aggregate or {}}
+        if self.server_optim is not None:  # a deep copy: later steps update the optimizer's tensors in place
+            state.update(server_optimizer=self.settings.server_optimizer,
+                         server_optim=copy.deepcopy(self.server_optim.state_dict()))
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume from ``state_dict()``: that round is the last closed one; nothing is pending."""
+        """Resume from ``state_dict()``: that round is the last closed one; nothing is pending.
+
+        A state without a server optimizer state (from before there was one) starts it afresh."""
         round_, aggregate = state["round"], state["aggregate"]
         if not _is_int(round_) or round_ < -1:
             raise SiloTuneError(f"aggregation state: round must be an integer >= -1, got {round_!r}")
+        if round_ != -1:
+            fault = _layout_fault(self.layout, aggregate)
+            if fault is not None:
+                raise SiloTuneError(f"aggregation state for round {round_} does not match the adapters: {fault}")
+        server_optim = self._load_server_optim(state)
         self.pending = {}
-        if round_ == -1:
-            self.results = {}
-            return
-        fault = _layout_fault(self.layout, aggregate)
-        if fault is not None:
-            raise SiloTuneError(f"aggregation state for round {round_} does not match the adapters: {fault}")
-        self.results = {round_: {name: aggregate[name].detach().to(AGGREGATE_DTYPE) for name in self.layout}}
+        self.results = {} if round_ == -1 else {
+            round_: {name: aggregate[name].detach().to(AGGREGATE_DTYPE) for name in self.layout}}
+        self.server_optim = server_optim
 
 
 def weighted_mean(updates: list[dict[str, torch.Tensor]], weights: list[int],
@@ -253,6 +358,14 @@ def trimmed_mean(stacked: torch.Tensor, cut: int) -> torch.Tensor:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _positive(value) -> bool:
+    return _number(value) and value > 0 and math.isfinite(value)
 
 
 def _layout_fault(layout: dict[str, tuple[int, ...]], tensors) -> str | None:

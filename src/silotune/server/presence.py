@@ -12,9 +12,10 @@ import time
 
 
 class Presence:
-    def __init__(self, n_clients: int, clock=time.monotonic):
+    def __init__(self, clients: int | list[int], clock=time.monotonic):
+        """``clients``: how many (ids 0..n-1), or the ids this server serves (one replica's group)."""
         self.clock = clock
-        self.n_clients = n_clients
+        self.members = list(range(clients)) if isinstance(clients, int) else sorted(clients)
         self.started = clock()
         self.last: dict[int, float] = {}
         self.in_flight: dict[int, int] = {}
@@ -39,14 +40,14 @@ class Presence:
         """Clients that have not finished, have no call in flight and were last heard of > grace s ago."""
         now = self.clock()
         with self._lock:
-            return {c for c in range(self.n_clients) if c not in self.finished and not self.in_flight.get(c)
+            return {c for c in self.members if c not in self.finished and not self.in_flight.get(c)
                     and now - self.last.get(c, self.started) > grace}
 
     def over(self, grace: float | None) -> bool:
         """True once every client has finished (or, with a grace period, finished or gone)."""
-        if len(self.finished) == self.n_clients:
+        if len(self.finished) == len(self.members):
             return True
-        return grace is not None and len(self.finished | self.gone(grace)) == self.n_clients
+        return grace is not None and len(self.finished | self.gone(grace)) == len(self.members)
 
     def report(self, grace: float | None) -> dict:
         gone = sorted(self.gone(grace)) if grace is not None else []

@@ -1,8 +1,12 @@
-"""The trunk server: runs the middle blocks for every client and trains its own adapters.
+"""The trunk server's message handler: the boundary checks, then dispatch to the roles.
 
-It only ever sees a client's head output ``h1`` and the gradient ``dL/dh2`` it sends
-back, never tokens, labels, logits or the loss. It also hosts the federated average of
-the clients' adapters. One ``handle`` entry point serves every transport.
+It composes the roles of the server (see docs/architecture.md): the trunk runtime
+(``runtime.py``: forward, backward, optimizer), the schedule (``schedules.py``: whose
+steps run together and when), the aggregation strategy (``aggregation.py``) and the
+checkpointer (``checkpoint.py``). It only ever sees a client's head output ``h1`` and the
+gradient ``dL/dh2`` it sends back, never tokens, labels, logits or the loss; every
+tensor is checked (``boundary.py``) before any role touches it. One ``handle`` entry
+point serves every transport.
 """
 
 from __future__ import annotations
@@ -12,41 +16,46 @@ import math
 import threading
 from pathlib import Path
 
-import torch
-
-from ..adapters import load_trainable_state, trainable_state
 from ..errors import ProtocolError, StepAborted
-from ..models.partition import Stage
 from ..protocol.messages import Aggregation, Control, ForwardActivations, Gradients, Message, ReturnedActivations
-from ..train.optim import OptimSettings, Stepper, trainable
 from . import checkpoint as ckpt
 from .aggregation import Aggregator
-from .boundary import Boundary, Limits
+from .boundary import Boundary
 from .presence import Presence
-from .schedules import Sequential
+from .runtime import Part, TrunkRuntime
+from .schedules import Schedule
 
 log = logging.getLogger(__name__)
 
 
 class TrunkServer:
-    def __init__(self, trunk: Stage, n_clients: int, optim: OptimSettings, aggregator: Aggregator,
-                 client_timeout: float | None = None, checkpoint: Path | None = None, limits: Limits | None = None):
-        self.trunk = trunk
-        self.schedule = Sequential(n_clients, client_timeout, on_drop=self._on_drop)
-        self.lock = threading.RLock()  # one trunk: transports may call from many threads
-        self.n_clients = n_clients
-        self.stepper = Stepper(trainable(trunk), optim)
-        self.boundary = Boundary(limits or Limits.unbounded(trunk.config))
-        self.aggregator = aggregator
+    def __init__(self, runtime: TrunkRuntime, schedule: Schedule, aggregator: Aggregator, boundary: Boundary,
+                 checkpoint: Path | None = None, replicas=None):
+        """``replicas`` (``server/replicas.py``), in server-hierarchical training, keeps this trunk and the
+        FedAvg rounds in step with the other replicas'; None for a single trunk."""
+        self.runtime, self.schedule, self.aggregator, self.boundary = runtime, schedule, aggregator, boundary
+        self.n_clients = aggregator.n_clients
+        self.lock = threading.RLock()  # aggregation and control state
+        schedule.on_drop = self._on_drop
         aggregator.expected = lambda: set(self.schedule.active)  # a round waits for the clients in the rotation
-        aggregator.participants = lambda: set(range(n_clients)) - self.presence.finished
-        self.presence = Presence(n_clients)
+        aggregator.participants = lambda: set(self.schedule.members) - self.presence.finished
+        self.presence = Presence(schedule.members)
+        self.replicas = replicas
+        if replicas is not None:
+            replicas.attach(runtime, aggregator)
         self.checkpoint = checkpoint
-        self.pending: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = {}
-        self.steps = 0
         self.finished = threading.Event()  # set once every client has said goodbye
         if checkpoint is not None and (found := ckpt.load_latest(Path(checkpoint))) is not None:
             self.restore(found[0])  # load_latest falls back to checkpoint.prev when the latest is corrupt
+
+    @property
+    def trunk(self):
+        return self.runtime.trunk
+
+    @property
+    def steps(self) -> int:
+        """Trunk optimizer steps taken."""
+        return self.runtime.steps
 
     @property
     def rejected(self):
@@ -54,9 +63,10 @@ class TrunkServer:
         return self.boundary.rejected
 
     def handle(self, msg: Message) -> Message:
-        if not 0 <= msg.client < self.n_clients:
+        if not 0 <= msg.client < self.n_clients or msg.client not in self.schedule.members:
             raise self.boundary.refuse("unknown_client", "message", f"from unknown client {msg.client}")
         self.presence.enter(msg.client)
+        self.schedule.seen(msg.client)
         try:
             return self._handle(msg)
         finally:
@@ -65,16 +75,22 @@ class TrunkServer:
     def _handle(self, msg: Message) -> Message:
         if isinstance(msg, ForwardActivations):
             self.boundary.activations(msg.client, msg.step, msg.hidden, msg.lengths)
-            if msg.train:
-                self.schedule.wait_turn(msg.client)
-            with self.lock:
-                return self._forward(msg)
+            if not msg.train:
+                return ReturnedActivations(msg.client, msg.step, hidden=self.runtime.infer(msg.hidden, msg.lengths))
+            h2 = self.schedule.forward(Part(msg.client, msg.step, msg.hidden, msg.lengths))
+            return ReturnedActivations(msg.client, msg.step, hidden=h2)
         if isinstance(msg, Gradients):
-            with self.lock:
-                reply = self._backward(msg)
-            self.schedule.done(msg.client)
-            return reply
-        if isinstance(msg, Control) and msg.command == "join":  # schedule calls stay outside the trunk lock
+            shape = self.schedule.grad_shape(msg.client, msg.step)
+            try:
+                if shape is None:
+                    raise StepAborted(f"client {msg.client} step {msg.step}: no forward pass pending for this step "
+                                      "(it was dropped, or the server restarted): redo the step")
+                self.boundary.gradient(msg.client, msg.step, msg.grad, shape)
+                return Gradients(msg.client, msg.step, grad=self.schedule.backward(msg.client, msg.step, msg.grad))
+            except StepAborted:
+                self.boundary.count("aborted")
+                raise
+        if isinstance(msg, Control) and msg.command == "join":  # schedule calls stay outside the server lock
             self.schedule.rejoin(msg.client)
         if isinstance(msg, Control) and msg.command == "bye":
             self.schedule.leave(msg.client)
@@ -85,10 +101,8 @@ class TrunkServer:
         return reply
 
     def _on_drop(self, client: int) -> None:
-        """A client was dropped: forget its pending step; rounds it held up may now complete."""
+        """A client was dropped: rounds it held up may now complete."""
         with self.lock:
-            if self.pending.pop(client, None) is not None:
-                log.warning("client %d: pending step dropped", client)
             for round_ in self.aggregator.recheck():
                 self._round_done(round_)
 
@@ -103,13 +117,10 @@ class TrunkServer:
             ckpt.save(Path(self.checkpoint), self.state_dict())
 
     def state_dict(self) -> dict:
-        return {"trunk": trainable_state(self.trunk), "optim": self.stepper.state_dict(), "steps": self.steps,
-                **self.aggregator.state_dict()}
+        return {**self.runtime.state_dict(), **self.aggregator.state_dict()}
 
     def restore(self, state: dict) -> None:
-        load_trainable_state(self.trunk, state["trunk"])
-        self.stepper.load_state_dict(state["optim"])
-        self.steps = state["steps"]
+        self.runtime.load_state_dict(state)
         self.aggregator.load_state_dict(state)
         log.warning("resumed from checkpoint %s: round %d done, %d trunk steps", self.checkpoint,
                     state["round"], self.steps)
@@ -148,38 +159,3 @@ class TrunkServer:
             return Control(msg.client, msg.step, command="ack")
         raise self.boundary.refuse("unexpected", f"client {msg.client}", f"unexpected {msg.kind} message"
                                    + (f" ({msg.command!r})" if isinstance(msg, Control) else ""))
-
-    def _forward(self, msg: ForwardActivations) -> ReturnedActivations:
-        if not msg.train:
-            with torch.no_grad():
-                return ReturnedActivations(msg.client, msg.step, hidden=self.trunk(msg.hidden, msg.lengths))
-        h1 = msg.hidden.detach().requires_grad_(True)
-        h2 = self.trunk(h1, msg.lengths)
-        self.boundary.computed(msg.client, msg.step, "trunk output", h2)
-        if msg.client in self.pending:
-            log.warning("client %d: dropping unfinished step %d", msg.client, self.pending[msg.client][0])
-        self.pending[msg.client] = (msg.step, h1, h2)
-        return ReturnedActivations(msg.client, msg.step, hidden=h2.detach())
-
-    def _backward(self, msg: Gradients) -> Gradients:
-        step, h1, h2 = self.pending.get(msg.client, (None, None, None))
-        if step is None or step != msg.step:
-            self.boundary.count("aborted")
-            raise StepAborted(f"client {msg.client} step {msg.step}: no forward pass pending for this step (its "
-                              "turn expired or the server restarted): redo the step")
-        self.boundary.gradient(msg.client, msg.step, msg.grad, h2.shape)
-        self.stepper.zero_grad()
-        h2.backward(msg.grad.to(h2.dtype), retain_graph=True)  # kept until the step is known to be sound
-        try:
-            self.boundary.computed(msg.client, msg.step, "input gradient", h1.grad)
-            grads = [p.grad for p in self.stepper.params if p.grad is not None]
-            if grads:  # one norm over every trunk gradient: non-finite if any element is
-                self.boundary.computed(msg.client, msg.step, "trunk gradient", torch.nn.utils.get_total_norm(grads))
-        except ProtocolError:
-            self.stepper.zero_grad()
-            h1.grad = None
-            raise
-        del self.pending[msg.client]
-        self.stepper.step()
-        self.steps += 1
-        return Gradients(msg.client, msg.step, grad=h1.grad)
