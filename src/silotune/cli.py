@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--task", help="built-in task name or a .jsonl/.csv file of your own")
     s.add_argument("--clients", type=int, help="number of clients")
     s.add_argument("--steps", type=int, help="centralized optimizer steps (the federation spends the same examples)")
-    s.add_argument("--method", choices=["lora", "prefix"], help="fine-tuning method")
+    s.add_argument("--method", choices=["lora", "prefix", "spf", "lora+spf"], help="fine-tuning method")
     s.add_argument("--partition", choices=["iid", "dirichlet"], help="how data is split across clients")
     s.add_argument("--alpha", type=float, help="Dirichlet concentration (smaller: more skewed)")
     s.add_argument("--seed", type=int, help="random seed")

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import yaml
 
-from .adapters import AdapterSettings
+from .adapters import METHODS, AdapterSettings
 from .compute import ComputeSettings
 from .errors import ConfigError
 from .federation import FederationSettings, SplitSettings
 from .privacy.defences import PrivacySettings
 from .server.aggregation import AggregationSettings
 from .server.boundary import BoundarySettings
+from .tee.settings import TeeSettings
 from .train.optim import OptimSettings
 
 
@@ -76,6 +77,7 @@ class RunConfig:
     boundary: BoundarySettings = field(default_factory=BoundarySettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
     compute: ComputeSettings = field(default_factory=ComputeSettings)
+    tee: TeeSettings = field(default_factory=TeeSettings)
     centralized: bool = True
     output: str = "runs/latest"
 
@@ -217,8 +219,12 @@ def validate(cfg: RunConfig, where: str, two_part: bool = False) -> None:
     unknown_parts = set(cfg.adapters.parts) - {"head", "trunk", "tail"}
     if unknown_parts:
         bad("adapters.parts", f"unknown part {sorted(unknown_parts)[0]!r} (head, trunk, tail)")
-    if cfg.adapters.method not in ("lora", "prefix"):
-        bad("adapters.method", f"unknown method {cfg.adapters.method!r} (lora, prefix)")
+    if cfg.adapters.method not in METHODS:
+        bad("adapters.method", f"unknown method {cfg.adapters.method!r} ({', '.join(METHODS)})")
+    cfg.adapters.spf.validate(bad)
+    cfg.tee.validate(bad)
+    if cfg.tee.enabled and cfg.federation.schedule == "hierarchical":
+        bad("tee.mode", "the enclave trunk runs one replica: use the sequential or client-batch schedule")
     if cfg.federation.wire_dtype not in ("fp32", "bf16", "fp16"):
         bad("federation.wire_dtype", "must be fp32, bf16 or fp16")
 

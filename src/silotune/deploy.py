@@ -105,6 +105,9 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
     from .transport.admission import AdmissionSettings
     from .transport.grpc_server import SiloTuneServicer, start_server
 
+    if cfg.tee.enabled:  # before any slow work
+        raise ConfigError("tee.mode: server runs in 'silotune simulate' only so far: the gRPC server does not yet "
+                          "carry the enclave's quote or end the clients' keys inside the enclave")
     keys = Path(cfg.deploy.keys)
     identity = Identity.load(keys / "server" / "identity.pem", allow_insecure=cfg.deploy.allow_insecure_keys)
     enrolled = load_enrollment(keys / "server" / "enrolled.json")

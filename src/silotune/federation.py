@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .adapters import AdapterSettings, apply_method, trained_layers
 from .client.runtime import SplitClient, adapter_state
 from .compute import Compute, fp32_trainables
-from .models.partition import load_stage
+from .crypto.identity import raw_public
+from .models.partition import load_config, load_stage
 from .privacy.defences import PrivacySettings
 from .server.aggregation import AggregationSettings, Aggregator
 from .server.boundary import Boundary, Limits
@@ -27,6 +29,9 @@ from .server.replicas import Replicas
 from .server.runtime import TrunkRuntime
 from .server.schedules import SCHEDULES, ClientBatch, Schedule, Sequential
 from .server.trunk import TrunkServer
+from .tee.attestation import AttestationPolicy, SimulatedVerifier
+from .tee.enclave import EnclaveRuntime, enclave_spec, expected_measurement
+from .tee.settings import TeeSettings
 from .train.optim import OptimSettings
 from .transport.base import Transport
 from .transport.inprocess import InProcessTransport
@@ -92,22 +97,36 @@ def build_server(model_dir: Path, split: SplitSettings, adapters: AdapterSetting
                  client_timeout: float | None = None, checkpoint: Path | None = None, *,
                  limits: Callable[[object], Limits] | None = None,
                  aggregation: AggregationSettings | None = None, federation: FederationSettings | None = None,
-                 compute: Compute | None = None, replicas: Replicas | None = None) -> TrunkServer:
+                 compute: Compute | None = None, replicas: Replicas | None = None,
+                 tee: TeeSettings | None = None) -> TrunkServer:
     """The trunk server (one replica of it, with ``replicas``). It also builds the clients' initial head and
     tail (public base weights, the same seeded adapters) to know the adapter layout every update must match,
-    never trusting a client's."""
+    never trusting a client's. With ``tee.mode: server`` the trunk lives in an enclave process instead."""
     compute = compute or Compute.default()
-    trunk = load_stage(model_dir, "trunk", split.head_blocks, split.tail_blocks, compute.dtype, compute.device)
-    apply_method(trunk, adapters, seed, _layers(trunk, adapters, split))
-    trunk.to(compute.device)
-    fp32_trainables(trunk)
+
+    def build_trunk():
+        trunk = load_stage(model_dir, "trunk", split.head_blocks, split.tail_blocks, compute.dtype, compute.device)
+        apply_method(trunk, adapters, seed, _layers(trunk, adapters, split))
+        trunk.to(compute.device)
+        fp32_trainables(trunk)
+        return trunk
+
     with torch.random.fork_rng():  # building them must not move the run's random stream
         start = adapter_state(*build_client_parts(model_dir, split, adapters, seed))
-    lim = limits(trunk.config) if limits else Limits.unbounded(trunk.config)
+    model_config = load_config(model_dir)
+    lim = limits(model_config) if limits else Limits.unbounded(model_config)
     aggregator = Aggregator(n_clients, {k: tuple(v.shape) for k, v in start.items()}, start, aggregation,
                             max_examples=lim.max_examples)
     boundary = Boundary(lim)
-    runtime = TrunkRuntime(trunk, optim, boundary, compute)
+    if tee is not None and tee.enabled:
+        platform = Ed25519PrivateKey.generate()  # the simulated platform (the hardware vendor's key, really)
+        spec = enclave_spec(model_dir, split, adapters, optim, seed, compute, tee,
+                            platform_key=platform.private_bytes_raw())
+        runtime = EnclaveRuntime(spec, boundary, tee, build_trunk)
+        runtime.attestation = AttestationPolicy(SimulatedVerifier(raw_public(platform.public_key())),
+                                                expected_measurement(spec))  # what every client checks
+    else:
+        runtime = TrunkRuntime(build_trunk(), optim, boundary, compute)
     members = replicas.members(n_clients) if replicas is not None else n_clients
     schedule = make_schedule(federation, members, runtime, client_timeout)
     return TrunkServer(runtime, schedule, aggregator, boundary, checkpoint, replicas)
@@ -130,12 +149,12 @@ def build_parties(model_dir: Path, split: SplitSettings, adapters: AdapterSettin
                   connect: Callable[[TrunkServer], Transport] | None = None,
                   client_timeout: float | None = None, limits: Callable[[object], Limits] | None = None,
                   aggregation: AggregationSettings | None = None, federation: FederationSettings | None = None,
-                  compute: Compute | None = None,
-                  replicas: Replicas | None = None) -> tuple[TrunkServer, list[SplitClient]]:
+                  compute: Compute | None = None, replicas: Replicas | None = None,
+                  tee: TeeSettings | None = None) -> tuple[TrunkServer, list[SplitClient]]:
     """A trunk server and its clients (with ``replicas``: this replica and the clients of its group)."""
     server = build_server(model_dir, split, adapters, optim, n_clients, seed, client_timeout,
                           limits=limits, aggregation=aggregation, federation=federation, compute=compute,
-                          replicas=replicas)
+                          replicas=replicas, tee=tee)
     connect = connect or (lambda s: InProcessTransport(s, wire_dtype))
     head, tail = build_client_parts(model_dir, split, adapters, seed, compute)
     members = server.schedule.members

@@ -15,16 +15,21 @@ import torch
 import yaml
 from safetensors.torch import save as st_save
 
-from .adapters import trainable_state
+from .adapters import spf_indices, trainable_state
 from .atomic import atomic_path, atomic_write
 from .config import RunConfig, to_dict
 
 
 def adapters_blob(stages, method: str) -> bytes:
-    """Trainable tensors of the given stages under their names in the full model."""
+    """Trainable tensors of the given stages under their names in the full model. SPF's sparse deltas
+    go with their row indices (``...spf_rows``, int64, next to each ``...spf_delta``), so the file
+    alone says which rows of the base weight each delta row adds to."""
     state = {}
     for stage in stages:
+        if stage is None:  # an enclave that keeps its trunk adapters (tee.release_trunk: false)
+            continue
         state.update({stage.full_name(k): v.contiguous() for k, v in trainable_state(stage).items()})
+        state.update({stage.full_name(k): v.contiguous() for k, v in spf_indices(stage).items()})
     return st_save(state, metadata={"format": "silotune-adapters", "method": method})
 
 

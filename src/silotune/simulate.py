@@ -36,6 +36,7 @@ from .models.loading import load_tokenizer, resolve_model
 from .models.partition import load_stage
 from .protocol.codec import wire_dtype
 from .server import replicas as hier
+from .tee.enclave import verify_enclave
 from .train.batching import BatchStream, encode_example
 from .train.loss import lm_loss
 from .train.optim import Stepper, trainable
@@ -98,6 +99,9 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
         train_time = extra.pop("train_seconds")  # from when every replica had loaded its parts
     else:
         server, clients = _parties(cfg, model_dir, connect)
+        if cfg.tee.enabled:  # every client checks the enclave's quote before it sends anything
+            for _ in clients:
+                verify_enclave(server.runtime, server.runtime.attestation)
         start = time.perf_counter()
         client_losses = run_concurrently(clients, streams, plan["steps_per_client"], cfg.federation.local_steps,
                                          on_step)
@@ -112,6 +116,8 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
     metrics = evaluate(clients[0].logits, tok, task, cfg.data.max_length, cfg.train.eval_batch_size,
                        cfg.train.max_new_tokens)
     train_bytes = sum(w["up"] + w["down"] for w in wire)
+    if cfg.tee.enabled:
+        extra["tee"] = server.runtime.stats()  # backend, measurement, offload FLOPs and masks
     per_client = []
     for cid, (idx, losses, w) in enumerate(zip(parts, client_losses, wire)):
         labels = Counter(task.train[i].label for i in idx)
@@ -140,7 +146,7 @@ def _parties(cfg: RunConfig, model_dir: Path, connect=None, replicas=None):
     return build_parties(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients, cfg.train.seed,
                          wire_dtype(cfg.federation.wire_dtype), cfg.privacy, connect, limits=run_limits(cfg),
                          aggregation=cfg.aggregation, federation=cfg.federation,
-                         compute=Compute.resolve(cfg.compute), replicas=replicas)
+                         compute=Compute.resolve(cfg.compute), replicas=replicas, tee=cfg.tee)
 
 
 def _free_port() -> int:
@@ -284,4 +290,7 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
     if cfg.centralized:
         result["centralized"] = run_centralized(cfg, model_dir, tok, task, rows, plan, progress, parts)
     write_run(cfg, result, Path(cfg.output))
+    close = getattr(result["federated"]["_parties"][0].runtime, "close", None)
+    if close is not None:  # an enclave process
+        close()
     return result

@@ -7,12 +7,19 @@ key per direction. A peer client never learns another client's keys: they derive
 ephemeral secrets it does not hold.
 
     client -> server: ClientHello(client_id, eph_c, nonce_c, time_c, sig_c)
-    server -> client: ServerHello(session_id, eph_s, nonce_s, sig_s over the transcript)
+    server -> client: ServerHello(session_id, eph_s, nonce_s, [quote], sig_s over the transcript)
 
 Freshness: the client signs the time it sent the hello; the server refuses a hello
 outside a window around its own clock, and remembers every accepted (client, nonce)
 until the window has passed, so a captured hello can never be replayed to establish
 or replace a session.
+
+TEE mode (``tee.attestation``): ``server_accept`` runs inside the enclave with an
+``enclave`` attester, and the server hello carries the enclave's quote over eph_s, with
+the client's nonce_c as the challenge, signed as part of the transcript. A client with
+an ``attestation`` policy checks that quote (platform, measurement, eph_s, its own
+nonce_c) before deriving any key and refuses a hello without one; its keys then exist
+only inside the enclave. Without either, nothing changes.
 """
 
 from __future__ import annotations
@@ -23,12 +30,16 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .identity import CryptoError, Identity, verify
+
+if TYPE_CHECKING:
+    from ..tee.attestation import AttestationPolicy, Attester
 
 LABEL = b"silotune-handshake-v1"
 
@@ -56,9 +67,13 @@ class ServerHello:
     ephemeral: bytes
     nonce: bytes
     signature: bytes = b""
+    quote: bytes = b""  # the enclave's attestation quote over `ephemeral` (TEE mode); empty otherwise
 
     def signed_part(self, hello: ClientHello) -> bytes:
-        return hello.signed_part() + hello.signature + b"|server|" + self.session_id + self.ephemeral + self.nonce
+        part = hello.signed_part() + hello.signature + b"|server|" + self.session_id + self.ephemeral + self.nonce
+        if self.quote:
+            part += b"|quote|" + struct.pack(">I", len(self.quote)) + self.quote
+        return part
 
 
 @dataclass
@@ -76,8 +91,12 @@ def _derive(secret: bytes, transcript: bytes, client_id: int, session_id: bytes)
 
 
 class ClientHandshake:
-    def __init__(self, client_id: int, identity: Identity, server_public: bytes):
-        self.identity, self.server_public = identity, server_public
+    """The client's side. With ``attestation`` (TEE mode) the server must be an attested enclave: its hello's
+    quote must bind the expected measurement to its ephemeral key and this hello's nonce."""
+
+    def __init__(self, client_id: int, identity: Identity, server_public: bytes,
+                 attestation: AttestationPolicy | None = None):
+        self.identity, self.server_public, self.attestation = identity, server_public, attestation
         self.ephemeral = X25519PrivateKey.generate()
         self.hello = ClientHello(client_id, _raw(self.ephemeral), os.urandom(16),
                                  timestamp_ms=int(time.time() * 1000))
@@ -87,6 +106,8 @@ class ClientHandshake:
         transcript = reply.signed_part(self.hello)
         if not verify(self.server_public, reply.signature, transcript):
             raise CryptoError("server hello: bad signature (not the pinned server identity)")
+        if self.attestation is not None:  # before any key exists: AttestationError unless the enclave is attested
+            self.attestation.check(reply.quote, reply.ephemeral, self.hello.nonce)
         secret = _exchange(self.ephemeral, reply.ephemeral, "server hello")
         return _derive(secret, transcript + reply.signature, self.hello.client_id, reply.session_id)
 
@@ -123,9 +144,12 @@ class ReplayGuard:
 
 
 def server_accept(hello: ClientHello, identity: Identity, enrolled: dict[int, bytes],
-                  replay: ReplayGuard | None = None) -> tuple[ServerHello, SessionKeys]:
+                  replay: ReplayGuard | None = None,
+                  enclave: Attester | None = None) -> tuple[ServerHello, SessionKeys]:
     """Check a client hello against the enrollment list (and, with ``replay``, its freshness) and answer
-    it; CryptoError if it fails."""
+    it; CryptoError if it fails. With ``enclave`` (TEE mode: call this inside the enclave, so the ephemeral
+    secret and the session keys never leave it) the answer carries the enclave's quote over its ephemeral
+    key, with the client's nonce as the challenge."""
     public = enrolled.get(hello.client_id)
     if public is None:
         raise CryptoError(f"handshake from unknown client {hello.client_id}")
@@ -136,7 +160,8 @@ def server_accept(hello: ClientHello, identity: Identity, enrolled: dict[int, by
     if replay is not None:
         replay.check(hello)
     ephemeral = X25519PrivateKey.generate()
-    reply = ServerHello(os.urandom(16), _raw(ephemeral), os.urandom(16))
+    quote = b"" if enclave is None else enclave.quote(_raw(ephemeral), hello.nonce).to_bytes()
+    reply = ServerHello(os.urandom(16), _raw(ephemeral), os.urandom(16), quote=quote)
     transcript = reply.signed_part(hello)
     reply.signature = identity.sign(transcript)
     secret = _exchange(ephemeral, hello.ephemeral, f"handshake from client {hello.client_id}")

@@ -106,16 +106,25 @@ class Identity:
     @classmethod
     def load(cls, path: str | Path, allow_insecure: bool = False) -> "Identity":
         """The identity in a PEM file; the file's permissions are checked (``check_private_key``)."""
-        path = Path(path)
-        data, st = _read_key_file(path, "identity key")
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError) as exc:
-            raise CryptoError(f"identity key {path}: not a PEM private key ({exc})") from None
-        if not isinstance(key, Ed25519PrivateKey):
-            raise CryptoError(f"identity key {path}: expected an Ed25519 key")
-        check_private_key(path, st, allow_insecure)
-        return cls(key)
+        return cls(load_ed25519_key(path, "identity key", allow_insecure))
+
+
+def load_ed25519_key(path: str | Path, what: str, allow_insecure: bool = False, error=CryptoError) -> Ed25519PrivateKey:
+    """An Ed25519 private key from a PEM file whose permissions pass ``check_private_key``; ``error`` (a
+    CryptoError subclass) names what went wrong and where."""
+    path = Path(path)
+    try:
+        data, st = _read_key_file(path, what)
+    except CryptoError as exc:
+        raise error(str(exc)) from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise error(f"{what} {path}: not a PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise error(f"{what} {path}: expected an Ed25519 key")
+    check_private_key(path, st, allow_insecure)
+    return key
 
 
 def verify(public: bytes, signature: bytes, data: bytes) -> bool:

@@ -2,13 +2,16 @@
 
 A description names the submodule paths of the token embedding, the decoder blocks,
 the final norm, the LM head and (if any) the rotary embedding or learned position
-embedding, plus the Linear layers LoRA targets by default. The split code
+embedding, plus the Linear layers LoRA targets by default and those SPF sparsely tunes
+(with how their output rows group into heads). The split code
 (`partition.py`) reads only these paths; it never copies a model's forward code.
 
 Adding an architecture whose blocks follow the Hugging Face calling convention takes
 one ``register`` call, e.g.::
 
     register("phi3", replace(LLAMA, lora_targets=("qkv_proj", "o_proj")))
+
+(``PHI3`` below is that description with Phi-3's SPF targets too: ``register("phi3", PHI3)``.)
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ class ArchSpec:
     """Linear layers that LoRA adapts when the config does not say otherwise."""
     fan_in_fan_out: bool = False
     """True where the Linear layers are GPT-2 style Conv1D (weight stored transposed)."""
+    spf_targets: tuple[str, ...] = ()
+    """Layers SPF (``adapters.spf``) sparsely tunes by default: the attention Q/K/V projections and
+    the FFN up-projection."""
+    spf_layouts: tuple[tuple[str, str], ...] = ()
+    """How SPF groups a target's output rows, by the layer's last name: ``q`` (query heads), ``kv``
+    (key/value heads), ``qkv`` (fused Q, K, V heads, each part ranked on its own), ``up_half``
+    (fused gate|up: the rows of the up half) or ``rows`` (each row alone; the default)."""
 
 
 LLAMA = ArchSpec(
@@ -44,6 +54,8 @@ LLAMA = ArchSpec(
     lm_head="lm_head",
     rotary="model.rotary_emb",
     lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+    spf_targets=("q_proj", "k_proj", "v_proj", "up_proj"),
+    spf_layouts=(("q_proj", "q"), ("k_proj", "kv"), ("v_proj", "kv")),
 )
 
 GPT2 = ArchSpec(
@@ -55,7 +67,18 @@ GPT2 = ArchSpec(
     embed_dropout="transformer.drop",
     lora_targets=("c_attn", "attn.c_proj"),
     fan_in_fan_out=True,
+    spf_targets=("c_attn", "c_fc"),  # Conv1D: weight (in, out); c_attn is Q|K|V fused
+    spf_layouts=(("c_attn", "qkv"),),
 )
+
+PHI3 = replace(
+    LLAMA,
+    lora_targets=("qkv_proj", "o_proj"),
+    # qkv_proj is Q|K|V fused; gate_up_proj is gate|up fused and only its up half is the up-projection
+    spf_targets=("qkv_proj", "gate_up_proj"),
+    spf_layouts=(("qkv_proj", "qkv"), ("gate_up_proj", "up_half")),
+)
+"""Phi-3 (not registered by default: ``register("phi3", PHI3)``)."""
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
@@ -108,5 +131,5 @@ def sliding_window(config, layer: int) -> int | None:
     return int(window)
 
 
-__all__ = ["ArchSpec", "LLAMA", "GPT2", "register", "supported", "arch_for", "num_layers",
+__all__ = ["ArchSpec", "LLAMA", "GPT2", "PHI3", "register", "supported", "arch_for", "num_layers",
            "attention_geometry", "sliding_window", "replace"]
