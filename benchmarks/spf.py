@@ -15,7 +15,9 @@ This benchmark measures what that buys against LoRA alone, and beside LoRA, on t
   - ``lora+spf``: the configs' LoRA and SPF ratio 0.5 on the same layers, lr 1e-4. The framework
     has one optimizer lr (``optim.lr``) for every trainable tensor of a party; the reimplementation
     trains its LoRA and its sparse deltas with one AdamW at 1e-4, so this run does the same (its
-    LoRA therefore learns at a tenth of the ``lora`` run's lr: read the table with that in mind).
+    LoRA therefore learns at a tenth of the ``lora`` run's lr: read the table with that in mind);
+  - ``lora-lr1e-4`` (not run by default; ``--methods lora-lr1e-4``): the configs' LoRA at the SPF
+    runs' lr 1e-4, a control that tells the method from the lr.
 
   No lr is tuned per method or task.
 
@@ -30,12 +32,14 @@ total), seconds per step (federated training time / centralized-equivalent steps
 training loss (mean over the last round's client steps) next to the first steps' loss.
 
 Writes benchmarks/results/spf.json after every run (a re-run skips runs already there with the
-same budget; ``--fresh`` starts over) and benchmarks/results/spf.md at the end; run folders land
+same budget; ``--fresh`` starts over; ``--out`` writes elsewhere) and benchmarks/results/spf.md at
+the end, keeping the hand-written ``## Reading`` section of an existing spf.md; run folders land
 in runs/spf-*.
 
 Run: ``nice -n 10 .venv/bin/python benchmarks/spf.py`` (defaults: ``--steps 80 --test 300
---tasks rotten_tomatoes strategyqa --methods lora spf lora+spf``); about 45-55 minutes on 2 shared
-CPU cores (see benchmarks/results/spf.md for the measured time).
+--tasks rotten_tomatoes strategyqa --methods lora spf lora+spf``): 23 minutes on 2 CPU cores shared
+with other jobs (Rotten Tomatoes about 4.5-6 min a run, strategyqa about 2-2.5 min); the lr control
+(``--methods lora-lr1e-4``) took 12 more minutes under heavier load.
 """
 
 from __future__ import annotations

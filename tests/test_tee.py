@@ -2,6 +2,7 @@
 that does not attest, the worker's view carries no signal of the text (correlation at chance, and the audit's
 search inversion recovers no more than guessing the most frequent token), a dead enclave is a clear error."""
 
+import json
 import os
 
 import pytest
@@ -12,11 +13,13 @@ from safetensors.torch import load_file
 from silotune.adapters import AdapterSettings, LoraSettings
 from silotune.audit.search_inversion import search_invert
 from silotune.compute import Compute
+from silotune.config import load_config
 from silotune.crypto.identity import raw_public
-from silotune.errors import ConfigError
+from silotune.errors import ConfigError, ProtocolError
 from silotune.federation import SplitSettings
 from silotune.models.loading import load_tokenizer
-from silotune.models.partition import load_config, load_stage
+from silotune.models.partition import load_config as model_config
+from silotune.models.partition import load_stage
 from silotune.server.boundary import Boundary, Limits
 from silotune.server.runtime import Part
 from silotune.simulate import run
@@ -48,7 +51,7 @@ def test_a_tee_run_equals_the_plain_run(tiny_chat_dir, tmp_path):
     s = tee["tee"]
     assert s["backend"] == "simulated" and s["hardware_protection"] is False
     assert "no hardware protection" in s["description"]
-    blocks = load_config(tiny_chat_dir).num_hidden_layers - 2
+    blocks = model_config(tiny_chat_dir).num_hidden_layers - 2
     assert s["offloaded_layers"] == 7 * blocks  # q, k, v, o, gate, up, down of every trunk block
     assert s["masks_used"] == s["forward_calls"] + s["backward_calls"] > 0
     assert s["worker_flops"] > 5 * s["online_flops"]  # elementwise online work (hidden size 64 here; 576 in SmolLM2)
@@ -71,7 +74,7 @@ def enclave(tiny_chat_dir):
     spec = enclave_spec(tiny_chat_dir, SplitSettings(1, 1), AdapterSettings(lora=LoraSettings(r=4, alpha=8)),
                         OptimSettings(), 0, Compute.default(), tee, platform_key=platform.private_bytes_raw(),
                         record=True, threads=1)
-    runtime = EnclaveRuntime(spec, Boundary(Limits.unbounded(load_config(tiny_chat_dir))), tee)
+    runtime = EnclaveRuntime(spec, Boundary(Limits.unbounded(model_config(tiny_chat_dir))), tee)
     policy = AttestationPolicy(SimulatedVerifier(raw_public(platform.public_key())), expected_measurement(spec))
     yield runtime, policy, spec
     runtime.close()
@@ -79,10 +82,10 @@ def enclave(tiny_chat_dir):
 
 def test_clients_refuse_an_enclave_that_does_not_attest(enclave):
     runtime, policy, spec = enclave
-    assert verify_enclave(runtime, policy).backend == "simulated"  # the honest enclave passes
+    assert verify_enclave(runtime.attest, policy).backend == "simulated"  # the honest enclave passes
     other = dict(spec, optim=dict(spec["optim"], lr=0.5))  # an enclave built for another configuration
     with pytest.raises(AttestationError, match="measurement"):
-        verify_enclave(runtime, AttestationPolicy(policy.verifier, expected_measurement(other)))
+        verify_enclave(runtime.attest, AttestationPolicy(policy.verifier, expected_measurement(other)))
     challenge = os.urandom(16)
     ephemeral, quote = runtime.attest(challenge)
     with pytest.raises(AttestationError, match="different key|replayed"):
@@ -152,7 +155,7 @@ def test_a_dead_enclave_is_a_clear_error(tiny_chat_dir):
     tee = TeeSettings(mode="server", worker="inprocess", timeout=30)
     spec = enclave_spec(tiny_chat_dir, SplitSettings(1, 1), AdapterSettings(), OptimSettings(), 0,
                         Compute.default(), tee, platform_key=platform.private_bytes_raw(), threads=1)
-    runtime = EnclaveRuntime(spec, Boundary(Limits.unbounded(load_config(tiny_chat_dir))), tee)
+    runtime = EnclaveRuntime(spec, Boundary(Limits.unbounded(model_config(tiny_chat_dir))), tee)
     runtime.process.kill()
     runtime.process.join(5)
     _, _, lengths, h1 = _h1(tiny_chat_dir)
@@ -161,9 +164,46 @@ def test_a_dead_enclave_is_a_clear_error(tiny_chat_dir):
     runtime.close()
 
 
-def test_deployments_refuse_tee_mode_before_any_slow_work(tiny_chat_dir, tmp_path):
-    from silotune.deploy import serve
+def test_a_deployed_enclave_trains_like_the_simulation_and_misconfigured_clients_refuse_it(deployment, tmp_path):
+    """Real processes over TLS: the server's trunk in an enclave process; a client expecting another enclave
+    (its configuration differs) refuses it before sending anything; the honest clients attest it over the
+    protocol and train exactly like a plain simulation."""
+    from .test_deploy import cli, finish, wait_listening
 
-    cfg = tiny_cfg(tiny_chat_dir, tmp_path, **{"tee.mode": "server"})
-    with pytest.raises(ConfigError, match="tee.mode"):
-        serve(cfg)
+    path, port = deployment
+    tee = ["--set", "tee.mode=server", "--set", "tee.worker=inprocess"]
+    server = cli("server", "--config", str(path), *tee)
+    try:
+        wait_listening(server)
+        wrong = cli("client", "--config", str(path), "--id", "0", "--server", f"localhost:{port}", *tee,
+                    "--set", "optim.lr=0.5")
+        out, _ = wrong.communicate(timeout=120)
+        assert wrong.returncode == 2 and "measurement" in out, out[-2000:]
+        clients = [cli("client", "--config", str(path), "--id", str(k), "--server", f"localhost:{port}", *tee)
+                   for k in range(3)]
+        outs = finish(clients)
+        assert all("enclave attested" in o for o in outs), outs[0][-2000:]
+        assert "rejected: none" in finish([server])[0]
+    finally:
+        server.kill()
+    run(load_config(path, [f"output={tmp_path / 'sim'}", "centralized=false"]), progress=False)
+    expected = load_file(tmp_path / "sim/adapters/federated.safetensors")
+    got = load_file(tmp_path / "net/server/trunk.safetensors")
+    for name, value in got.items():
+        assert torch.allclose(value, expected[name], atol=1e-5, rtol=0), name
+    for k in range(3):
+        for name, value in load_file(tmp_path / f"net/client-{k}/adapters.safetensors").items():
+            assert torch.allclose(value, expected[name], atol=1e-5, rtol=0), name
+    summary = json.loads((tmp_path / "net/server/summary.json").read_text())
+    assert summary["tee"]["hardware_protection"] is False and summary["tee"]["masks_used"] > 0
+
+
+def test_a_plain_server_refuses_to_attest(tiny_chat_dir, tmp_path):
+    """Asked for a quote, a server whose trunk runs in no enclave refuses (and counts it)."""
+    from silotune.federation import build_server
+    from silotune.protocol.messages import Control
+
+    server = build_server(tiny_chat_dir, SplitSettings(1, 1), AdapterSettings(), OptimSettings(), 1, 0)
+    with pytest.raises(ProtocolError, match="no enclave"):
+        server.handle(Control(0, 0, command="attest", payload={"challenge": "00" * 16}))
+    assert server.rejected["attestation"] == 1

@@ -35,6 +35,8 @@ from .protocol.codec import wire_dtype
 from .report import adapters_blob
 from .server import checkpoint as ckpt
 from .server import replicas as hier
+from .tee.attestation import AttestationPolicy, SimulatedBackend, SimulatedVerifier
+from .tee.enclave import enclave_spec, expected_measurement
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,9 @@ def make_keys(out: str | Path, n_clients: int, hosts: list[str]) -> Path:
     atomic_write(out / "server" / "tls.key", tls["server.key"], mode=0o600)
     atomic_write(out / "ca.crt", tls["ca.crt"])
     atomic_write(out / "server.pub", server.public.hex() + "\n")
+    platform = SimulatedBackend.generate()  # TEE mode's simulated platform: stands for the hardware vendor's key
+    platform.save(out / "server" / "platform.pem")
+    atomic_write(out / "platform.pub", platform.public_key.hex() + "\n")
     return out
 
 
@@ -67,12 +72,20 @@ def _read(path: Path) -> bytes:
         raise CryptoError(f"{path} not found (create the deployment keys with 'silotune keys')") from None
 
 
-def server_public(keys: Path) -> bytes:
-    text = _read(keys / "server.pub").decode().strip()
+def server_public(keys: Path, name: str = "server.pub") -> bytes:
+    text = _read(keys / name).decode().strip()
     try:
         return bytes.fromhex(text)
     except ValueError:
-        raise CryptoError(f"{keys / 'server.pub'}: not a hex public key") from None
+        raise CryptoError(f"{keys / name}: not a hex public key") from None
+
+
+def enclave_policy(cfg: RunConfig, model_dir: Path, compute: Compute) -> AttestationPolicy:
+    """What a client of a TEE-mode server trusts: the simulated platform's public key (``keys/platform.pub``)
+    and the measurement of the enclave this configuration builds, computed from its own copy of the code."""
+    spec = enclave_spec(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.train.seed, compute, cfg.tee)
+    return AttestationPolicy(SimulatedVerifier(server_public(Path(cfg.deploy.keys), "platform.pub")),
+                             expected_measurement(spec))
 
 
 def _join_replicas(cfg: RunConfig, compute: Compute) -> tuple[hier.Replicas, Compute]:
@@ -105,9 +118,9 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
     from .transport.admission import AdmissionSettings
     from .transport.grpc_server import SiloTuneServicer, start_server
 
-    if cfg.tee.enabled:  # before any slow work
-        raise ConfigError("tee.mode: server runs in 'silotune simulate' only so far: the gRPC server does not yet "
-                          "carry the enclave's quote or end the clients' keys inside the enclave")
+    if cfg.tee.enabled and not cfg.tee.release_trunk:  # before any slow work
+        raise ConfigError("tee.release_trunk: false is not supported by deployments yet: the server's checkpoints "
+                          "hold the trunk's adapters (sealed enclave checkpoints are not implemented)")
     keys = Path(cfg.deploy.keys)
     identity = Identity.load(keys / "server" / "identity.pem", allow_insecure=cfg.deploy.allow_insecure_keys)
     enrolled = load_enrollment(keys / "server" / "enrolled.json")
@@ -122,7 +135,9 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
         ckpt.remove(checkpoint)  # and checkpoint.pt.prev
     trunk = build_server(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.federation.clients, cfg.train.seed,
                          cfg.deploy.client_timeout, checkpoint, limits=run_limits(cfg), aggregation=cfg.aggregation,
-                         federation=cfg.federation, compute=compute, replicas=replicas)
+                         federation=cfg.federation, compute=compute, replicas=replicas, tee=cfg.tee,
+                         platform=SimulatedBackend.load(keys / "server" / "platform.pem", cfg.deploy.allow_insecure_keys)
+                         if cfg.tee.enabled else None)
     d = cfg.deploy
     admission = AdmissionSettings(auth_seconds=d.auth_seconds, receive_seconds=d.receive_seconds,
                                   per_peer=d.max_pending_per_peer, total=d.max_pending)
@@ -161,6 +176,9 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
                "turns_expired": trunk.schedule.dropped, "refused": refused}
     if replicas is not None:
         summary.update(replica=replicas.rank, replicas=replicas.world, replica_syncs=replicas.syncs)
+    if cfg.tee.enabled:  # the enclave's backend, measurement and offload counters; then it ends
+        summary["tee"] = trunk.runtime.stats()
+        trunk.runtime.close()
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     ended = "all clients finished" if not presence["dropped"] else \
         f"clients {presence['dropped']} dropped (gone > {d.grace_seconds:.0f}s), the others finished"
@@ -194,6 +212,10 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
                                                            cfg.deploy.allow_insecure_keys))
                               if cfg.deploy.tls and cfg.deploy.mutual_tls else None)
     client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed, compute)
+    if cfg.tee.enabled:  # before anything is sent: the trunk must run in the enclave this configuration builds
+        quote = client.attest(enclave_policy(cfg, model_dir, compute))
+        print(f"client {client_id}: enclave attested ({quote.backend}, measurement {quote.measurement.hex()[:16]}; "
+              "simulated: no hardware protection)", flush=True)
     stream = client_stream(cfg, tok, rows, idx, client_id)
     plan = budget(cfg)
     first_round = client.join()

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .adapters import AdapterSettings, apply_method, trained_layers
 from .client.runtime import SplitClient, adapter_state
 from .compute import Compute, fp32_trainables
-from .crypto.identity import raw_public
 from .models.partition import load_config, load_stage
 from .privacy.defences import PrivacySettings
 from .server.aggregation import AggregationSettings, Aggregator
@@ -29,7 +27,7 @@ from .server.replicas import Replicas
 from .server.runtime import TrunkRuntime
 from .server.schedules import SCHEDULES, ClientBatch, Schedule, Sequential
 from .server.trunk import TrunkServer
-from .tee.attestation import AttestationPolicy, SimulatedVerifier
+from .tee.attestation import AttestationPolicy, SimulatedBackend
 from .tee.enclave import EnclaveRuntime, enclave_spec, expected_measurement
 from .tee.settings import TeeSettings
 from .train.optim import OptimSettings
@@ -98,10 +96,11 @@ def build_server(model_dir: Path, split: SplitSettings, adapters: AdapterSetting
                  limits: Callable[[object], Limits] | None = None,
                  aggregation: AggregationSettings | None = None, federation: FederationSettings | None = None,
                  compute: Compute | None = None, replicas: Replicas | None = None,
-                 tee: TeeSettings | None = None) -> TrunkServer:
+                 tee: TeeSettings | None = None, platform: SimulatedBackend | None = None) -> TrunkServer:
     """The trunk server (one replica of it, with ``replicas``). It also builds the clients' initial head and
     tail (public base weights, the same seeded adapters) to know the adapter layout every update must match,
-    never trusting a client's. With ``tee.mode: server`` the trunk lives in an enclave process instead."""
+    never trusting a client's. With ``tee.mode: server`` the trunk lives in an enclave process instead, whose
+    quotes ``platform`` signs (the simulated platform; None: a fresh one)."""
     compute = compute or Compute.default()
 
     def build_trunk():
@@ -119,12 +118,11 @@ def build_server(model_dir: Path, split: SplitSettings, adapters: AdapterSetting
                             max_examples=lim.max_examples)
     boundary = Boundary(lim)
     if tee is not None and tee.enabled:
-        platform = Ed25519PrivateKey.generate()  # the simulated platform (the hardware vendor's key, really)
+        platform = platform or SimulatedBackend.generate()  # stands for the hardware vendor's attestation key
         spec = enclave_spec(model_dir, split, adapters, optim, seed, compute, tee,
-                            platform_key=platform.private_bytes_raw())
+                            platform_key=platform.raw_private_key())
         runtime = EnclaveRuntime(spec, boundary, tee, build_trunk)
-        runtime.attestation = AttestationPolicy(SimulatedVerifier(raw_public(platform.public_key())),
-                                                expected_measurement(spec))  # what every client checks
+        runtime.attestation = AttestationPolicy(platform.verifier(), expected_measurement(spec))  # what clients check
     else:
         runtime = TrunkRuntime(build_trunk(), optim, boundary, compute)
     members = replicas.members(n_clients) if replicas is not None else n_clients

@@ -36,7 +36,6 @@ from .models.loading import load_tokenizer, resolve_model
 from .models.partition import load_stage
 from .protocol.codec import wire_dtype
 from .server import replicas as hier
-from .tee.enclave import verify_enclave
 from .train.batching import BatchStream, encode_example
 from .train.loss import lm_loss
 from .train.optim import Stepper, trainable
@@ -100,8 +99,8 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
     else:
         server, clients = _parties(cfg, model_dir, connect)
         if cfg.tee.enabled:  # every client checks the enclave's quote before it sends anything
-            for _ in clients:
-                verify_enclave(server.runtime, server.runtime.attestation)
+            for client in clients:
+                client.attest(server.runtime.attestation)
         start = time.perf_counter()
         client_losses = run_concurrently(clients, streams, plan["steps_per_client"], cfg.federation.local_steps,
                                          on_step)

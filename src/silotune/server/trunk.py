@@ -90,6 +90,8 @@ class TrunkServer:
             except StepAborted:
                 self.boundary.count("aborted")
                 raise
+        if isinstance(msg, Control) and msg.command == "attest":
+            return self._attest(msg)
         if isinstance(msg, Control) and msg.command == "join":  # schedule calls stay outside the server lock
             self.schedule.rejoin(msg.client)
         if isinstance(msg, Control) and msg.command == "bye":
@@ -99,6 +101,18 @@ class TrunkServer:
         if isinstance(reply, Control) and reply.command == "not_ready":
             self.schedule.check_stale()
         return reply
+
+    def _attest(self, msg: Control) -> Control:
+        """The enclave's quote over a fresh key for the client's challenge (16 bytes, hex)."""
+        attest = getattr(self.runtime, "attest", None)
+        if attest is None:
+            raise self.boundary.refuse("attestation", f"client {msg.client}",
+                                       "attestation asked of a server whose trunk runs in no enclave (tee.mode: none)")
+        challenge = msg.payload.get("challenge")
+        if not (isinstance(challenge, str) and len(challenge) == 32 and all(c in "0123456789abcdef" for c in challenge)):
+            raise self.boundary.refuse("malformed", f"client {msg.client}", "attest: challenge must be 32 hex digits")
+        ephemeral, quote = attest(bytes.fromhex(challenge))
+        return Control(msg.client, msg.step, command="quote", payload={"ephemeral": ephemeral.hex(), "quote": quote.hex()})
 
     def _on_drop(self, client: int) -> None:
         """A client was dropped: rounds it held up may now complete."""

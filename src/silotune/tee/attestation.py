@@ -271,6 +271,10 @@ class SimulatedBackend(AttestationBackend):
     def verifier(self) -> SimulatedVerifier:
         return SimulatedVerifier(self.public_key)
 
+    def raw_private_key(self) -> bytes:
+        """The platform key's raw bytes, to hand to the enclave process it stands for (never to a client)."""
+        return self._key.private_bytes_raw()
+
     def describe(self) -> str:
         return ("simulated enclave: separate OS process, no hardware protection (quotes signed by the local "
                 f"platform key {fingerprint(self.public_key)}; the host's operator can read the enclave's memory)")

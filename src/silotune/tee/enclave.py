@@ -327,12 +327,13 @@ def expected_measurement(spec: dict) -> bytes:
     return measurement(enclave_code_files(), enclave_config(spec))
 
 
-def verify_enclave(runtime: EnclaveRuntime, policy) -> object:
-    """A client's check before it sends anything: a fresh challenge, the enclave's quote over its new
-    ephemeral key and that challenge, verified by ``policy`` (``attestation.AttestationPolicy``); returns
-    the accepted quote, raises ``AttestationError``."""
+def verify_enclave(attest, policy) -> object:
+    """A client's check before it sends anything: a fresh challenge, the enclave's quote over its new ephemeral
+    key and that challenge (``attest(challenge) -> (ephemeral, quote)``: ``EnclaveRuntime.attest``, or a client
+    asking over its transport), verified by ``policy`` (``attestation.AttestationPolicy``); returns the accepted
+    quote, raises ``AttestationError``."""
     challenge = os.urandom(16)
-    ephemeral, quote = runtime.attest(challenge)
+    ephemeral, quote = attest(challenge)
     return policy.check(quote, ephemeral, challenge)
 
 
