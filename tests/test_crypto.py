@@ -83,3 +83,28 @@ def test_keys_and_enrollment_files_roundtrip(tmp_path, ids):
     (tmp_path / "bad.pem").write_text("nope")
     with pytest.raises(CryptoError, match="not a PEM"):
         Identity.load(tmp_path / "bad.pem")
+
+
+def test_a_relayed_session_tolerates_drops_but_not_replays_reordering_or_another_context(ids):
+    """``ordered=False`` (a client's session with the enclave, through the untrusted host): a message the relay
+    dropped does not break the session; a replayed or older message, or one opened as another kind, is refused."""
+    hs = ClientHandshake(0, ids[0], ids["server"].public)
+    reply, server_keys = server_accept(hs.hello, ids["server"], {0: ids[0].public})
+    c, s = AeadSession(hs.finish(reply), "client", ordered=False), AeadSession(server_keys, "server", ordered=False)
+    m0, m1, m2 = (c.seal(b"h1-%d" % i, i, b"forward") for i in range(3))
+    assert s.open(m1, b"forward") == (b"h1-1", 1)  # m0 was dropped by the relay
+    with pytest.raises(CryptoError, match="replayed"):
+        s.open(m0, b"forward")  # older than one already accepted
+    with pytest.raises(CryptoError, match="replayed"):
+        s.open(m1, b"forward")
+    with pytest.raises(CryptoError, match="tampered"):
+        s.open(m2, b"gradients")  # relayed as another kind of message
+    assert s.open(m2, b"forward") == (b"h1-2", 2)
+
+
+def test_only_an_attested_enclave_may_answer_without_a_server_identity(ids):
+    with pytest.raises(ValueError, match="server_public or attestation"):
+        ClientHandshake(0, ids[0], None)
+    hs = ClientHandshake(0, ids[0], ids["server"].public)
+    with pytest.raises(ValueError, match="enclave"):
+        server_accept(hs.hello, None, {0: ids[0].public})

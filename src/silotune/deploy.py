@@ -36,6 +36,7 @@ from .report import adapters_blob
 from .server import checkpoint as ckpt
 from .server import replicas as hier
 from .tee.attestation import AttestationPolicy, SimulatedBackend, SimulatedVerifier
+from .tee.channel import SealedTransport
 from .tee.enclave import enclave_spec, expected_measurement
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ def server_public(keys: Path, name: str = "server.pub") -> bytes:
 def enclave_policy(cfg: RunConfig, model_dir: Path, compute: Compute) -> AttestationPolicy:
     """What a client of a TEE-mode server trusts: the simulated platform's public key (``keys/platform.pub``)
     and the measurement of the enclave this configuration builds, computed from its own copy of the code."""
-    spec = enclave_spec(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.train.seed, compute, cfg.tee)
+    spec = enclave_spec(model_dir, cfg.split, cfg.adapters, cfg.optim, cfg.train.seed, compute, cfg.tee,
+                        aggregation=cfg.aggregation)
     return AttestationPolicy(SimulatedVerifier(server_public(Path(cfg.deploy.keys), "platform.pub")),
                              expected_measurement(spec))
 
@@ -118,9 +120,6 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
     from .transport.admission import AdmissionSettings
     from .transport.grpc_server import SiloTuneServicer, start_server
 
-    if cfg.tee.enabled and not cfg.tee.release_trunk:  # before any slow work
-        raise ConfigError("tee.release_trunk: false is not supported by deployments yet: the server's checkpoints "
-                          "hold the trunk's adapters (sealed enclave checkpoints are not implemented)")
     keys = Path(cfg.deploy.keys)
     identity = Identity.load(keys / "server" / "identity.pem", allow_insecure=cfg.deploy.allow_insecure_keys)
     enrolled = load_enrollment(keys / "server" / "enrolled.json")
@@ -137,7 +136,8 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
                          cfg.deploy.client_timeout, checkpoint, limits=run_limits(cfg), aggregation=cfg.aggregation,
                          federation=cfg.federation, compute=compute, replicas=replicas, tee=cfg.tee,
                          platform=SimulatedBackend.load(keys / "server" / "platform.pem", cfg.deploy.allow_insecure_keys)
-                         if cfg.tee.enabled else None)
+                         if cfg.tee.enabled else None, enrolled=enrolled,
+                         wire_dtype=wire_dtype(cfg.federation.wire_dtype))
     d = cfg.deploy
     admission = AdmissionSettings(auth_seconds=d.auth_seconds, receive_seconds=d.receive_seconds,
                                   per_peer=d.max_pending_per_peer, total=d.max_pending)
@@ -166,8 +166,12 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
         servicer.close()
         if replicas is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    out = out_dir / "trunk.safetensors"
-    atomic_write(out, adapters_blob([trunk.trunk], cfg.adapters.method))
+    if cfg.tee.enabled and not cfg.tee.release_trunk:  # the enclave keeps its trunk: only it can open this file
+        out = out_dir / "trunk.sealed"
+        atomic_write(out, trunk.runtime.sealed_state())
+    else:
+        out = out_dir / "trunk.safetensors"
+        atomic_write(out, adapters_blob([trunk.trunk], cfg.adapters.method))
     presence = trunk.presence.report(d.grace_seconds)
     refused = servicer.refusals()
     summary = {"schedule": cfg.federation.schedule, "trunk_steps": trunk.steps,
@@ -211,11 +215,13 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
                                           read_private_key(keys / "clients" / f"client-{client_id}.key",
                                                            cfg.deploy.allow_insecure_keys))
                               if cfg.deploy.tls and cfg.deploy.mutual_tls else None)
-    client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed, compute)
     if cfg.tee.enabled:  # before anything is sent: the trunk must run in the enclave this configuration builds
-        quote = client.attest(enclave_policy(cfg, model_dir, compute))
+        transport = SealedTransport(transport, client_id, identity, enclave_policy(cfg, model_dir, compute),
+                                    wire_dtype(cfg.federation.wire_dtype))
+        quote = transport.connect()
         print(f"client {client_id}: enclave attested ({quote.backend}, measurement {quote.measurement.hex()[:16]}; "
-              "simulated: no hardware protection)", flush=True)
+              "simulated: no hardware protection); activations and gradients sealed to it", flush=True)
+    client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed, compute)
     stream = client_stream(cfg, tok, rows, idx, client_id)
     plan = budget(cfg)
     first_round = client.join()

@@ -19,8 +19,10 @@ import torch
 from .adapters import AdapterSettings, apply_method, trained_layers
 from .client.runtime import SplitClient, adapter_state
 from .compute import Compute, fp32_trainables
+from .crypto.identity import Identity
 from .models.partition import load_config, load_stage
 from .privacy.defences import PrivacySettings
+from .protocol.codec import wire_dtype_name
 from .server.aggregation import AggregationSettings, Aggregator
 from .server.boundary import Boundary, Limits
 from .server.replicas import Replicas
@@ -28,7 +30,8 @@ from .server.runtime import TrunkRuntime
 from .server.schedules import SCHEDULES, ClientBatch, Schedule, Sequential
 from .server.trunk import TrunkServer
 from .tee.attestation import AttestationPolicy, SimulatedBackend
-from .tee.enclave import EnclaveRuntime, enclave_spec, expected_measurement
+from .tee.channel import SealedTransport
+from .tee.enclave import EnclaveAggregator, EnclaveRuntime, enclave_spec, expected_measurement
 from .tee.settings import TeeSettings
 from .train.optim import OptimSettings
 from .transport.base import Transport
@@ -96,11 +99,13 @@ def build_server(model_dir: Path, split: SplitSettings, adapters: AdapterSetting
                  limits: Callable[[object], Limits] | None = None,
                  aggregation: AggregationSettings | None = None, federation: FederationSettings | None = None,
                  compute: Compute | None = None, replicas: Replicas | None = None,
-                 tee: TeeSettings | None = None, platform: SimulatedBackend | None = None) -> TrunkServer:
+                 tee: TeeSettings | None = None, platform: SimulatedBackend | None = None,
+                 enrolled: dict[int, bytes] | None = None, wire_dtype: torch.dtype = torch.float32) -> TrunkServer:
     """The trunk server (one replica of it, with ``replicas``). It also builds the clients' initial head and
     tail (public base weights, the same seeded adapters) to know the adapter layout every update must match,
     never trusting a client's. With ``tee.mode: server`` the trunk lives in an enclave process instead, whose
-    quotes ``platform`` signs (the simulated platform; None: a fresh one)."""
+    quotes ``platform`` signs (the simulated platform; None: a fresh one), and which opens sessions with the
+    ``enrolled`` clients (id -> Ed25519 public key) and seals its answers in ``wire_dtype``."""
     compute = compute or Compute.default()
 
     def build_trunk():
@@ -114,16 +119,20 @@ def build_server(model_dir: Path, split: SplitSettings, adapters: AdapterSetting
         start = adapter_state(*build_client_parts(model_dir, split, adapters, seed))
     model_config = load_config(model_dir)
     lim = limits(model_config) if limits else Limits.unbounded(model_config)
-    aggregator = Aggregator(n_clients, {k: tuple(v.shape) for k, v in start.items()}, start, aggregation,
-                            max_examples=lim.max_examples)
-    boundary = Boundary(lim)
-    if tee is not None and tee.enabled:
+    layout = {k: tuple(v.shape) for k, v in start.items()}
+    boundary = Boundary(lim, update_bytes=4 * sum(v.numel() for v in start.values()))
+    if tee is not None and tee.enabled:  # the trunk and the clients' FedAvg in an enclave process
         platform = platform or SimulatedBackend.generate()  # stands for the hardware vendor's attestation key
         spec = enclave_spec(model_dir, split, adapters, optim, seed, compute, tee,
-                            platform_key=platform.raw_private_key())
+                            platform_key=platform.raw_private_key(), enrolled=enrolled, limits=lim,
+                            wire_dtype=wire_dtype_name(wire_dtype), aggregation=aggregation,
+                            federation={"n_clients": n_clients, "layout": layout, "start": start,
+                                        "max_examples": lim.max_examples})
         runtime = EnclaveRuntime(spec, boundary, tee, build_trunk)
         runtime.attestation = AttestationPolicy(platform.verifier(), expected_measurement(spec))  # what clients check
+        aggregator = EnclaveAggregator(runtime, n_clients, layout)
     else:
+        aggregator = Aggregator(n_clients, layout, start, aggregation, max_examples=lim.max_examples)
         runtime = TrunkRuntime(build_trunk(), optim, boundary, compute)
     members = replicas.members(n_clients) if replicas is not None else n_clients
     schedule = make_schedule(federation, members, runtime, client_timeout)
@@ -149,15 +158,26 @@ def build_parties(model_dir: Path, split: SplitSettings, adapters: AdapterSettin
                   aggregation: AggregationSettings | None = None, federation: FederationSettings | None = None,
                   compute: Compute | None = None, replicas: Replicas | None = None,
                   tee: TeeSettings | None = None) -> tuple[TrunkServer, list[SplitClient]]:
-    """A trunk server and its clients (with ``replicas``: this replica and the clients of its group)."""
+    """A trunk server and its clients (with ``replicas``: this replica and the clients of its group). With
+    ``tee.mode: server`` each client gets an identity the enclave enrolls and a ``SealedTransport`` holding the
+    policy its quote must meet; the clients open their sessions with the enclave on their first sealed call
+    (``client.transport.connect()`` does it now)."""
+    identities = {i: Identity.generate() for i in range(n_clients)} if tee is not None and tee.enabled else {}
     server = build_server(model_dir, split, adapters, optim, n_clients, seed, client_timeout,
                           limits=limits, aggregation=aggregation, federation=federation, compute=compute,
-                          replicas=replicas, tee=tee)
-    connect = connect or (lambda s: InProcessTransport(s, wire_dtype))
+                          replicas=replicas, tee=tee, enrolled={i: k.public for i, k in identities.items()},
+                          wire_dtype=wire_dtype)
+    plain = connect or (lambda s: InProcessTransport(s, wire_dtype))
+
+    def connect(s, i):
+        if not identities:
+            return plain(s)
+        return SealedTransport(plain(s), i, identities[i], s.runtime.attestation, wire_dtype)
+
     head, tail = build_client_parts(model_dir, split, adapters, seed, compute)
     members = server.schedule.members
     clients = []
     for i in members:
         h, t = (head, tail) if i == members[-1] else (copy.deepcopy(head), copy.deepcopy(tail))
-        clients.append(SplitClient(i, h, t, connect(server), optim, privacy=privacy, seed=seed, compute=compute))
+        clients.append(SplitClient(i, h, t, connect(server, i), optim, privacy=privacy, seed=seed, compute=compute))
     return server, clients

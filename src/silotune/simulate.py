@@ -98,9 +98,9 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
         train_time = extra.pop("train_seconds")  # from when every replica had loaded its parts
     else:
         server, clients = _parties(cfg, model_dir, connect)
-        if cfg.tee.enabled:  # every client checks the enclave's quote before it sends anything
+        if cfg.tee.enabled:  # every client attests the enclave and opens its session before it sends anything
             for client in clients:
-                client.attest(server.runtime.attestation)
+                client.transport.connect()
         start = time.perf_counter()
         client_losses = run_concurrently(clients, streams, plan["steps_per_client"], cfg.federation.local_steps,
                                          on_step)

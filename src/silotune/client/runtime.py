@@ -131,22 +131,6 @@ class SplitClient:
         self._expect(self.transport.call(Aggregation(
             self.id, self.step, tensors=self.adapter_state(), num_examples=num_examples, round=round_)), Control)
 
-    def attest(self, policy):
-        """Check the server's enclave before sending anything (``tee.verify_enclave`` over this client's
-        transport); returns the accepted quote, raises ``AttestationError``."""
-        from ..tee.attestation import AttestationError
-        from ..tee.enclave import verify_enclave
-
-        def ask(challenge: bytes) -> tuple[bytes, bytes]:
-            reply = self._expect(self.transport.call(Control(self.id, self.step, command="attest",
-                                                             payload={"challenge": challenge.hex()})), Control)
-            try:
-                return bytes.fromhex(reply.payload["ephemeral"]), bytes.fromhex(reply.payload["quote"])
-            except (KeyError, TypeError, ValueError):
-                raise AttestationError(f"client {self.id}: the server's answer to attest holds no quote") from None
-
-        return verify_enclave(ask, policy)
-
     def join(self) -> int:
         """Announce this client; load the latest average if a round is done. Returns the next round."""
         reply = self.transport.call(Control(self.id, self.step, command="join"))

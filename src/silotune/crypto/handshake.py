@@ -19,7 +19,10 @@ TEE mode (``tee.attestation``): ``server_accept`` runs inside the enclave with a
 the client's nonce_c as the challenge, signed as part of the transcript. A client with
 an ``attestation`` policy checks that quote (platform, measurement, eph_s, its own
 nonce_c) before deriving any key and refuses a hello without one; its keys then exist
-only inside the enclave. Without either, nothing changes.
+only inside the enclave. Without either, nothing changes. The enclave may answer without a
+long-term server identity (``identity=None``; the client then passes ``server_public=None``):
+the quote alone authenticates its ephemeral key, and both hellos are bound into the keys
+through the transcript, so a relay that alters either only makes the keys disagree.
 """
 
 from __future__ import annotations
@@ -94,8 +97,11 @@ class ClientHandshake:
     """The client's side. With ``attestation`` (TEE mode) the server must be an attested enclave: its hello's
     quote must bind the expected measurement to its ephemeral key and this hello's nonce."""
 
-    def __init__(self, client_id: int, identity: Identity, server_public: bytes,
+    def __init__(self, client_id: int, identity: Identity, server_public: bytes | None,
                  attestation: AttestationPolicy | None = None):
+        if server_public is None and attestation is None:
+            raise ValueError("a server hello is authenticated by the pinned server identity or an enclave quote: "
+                             "give server_public or attestation")
         self.identity, self.server_public, self.attestation = identity, server_public, attestation
         self.ephemeral = X25519PrivateKey.generate()
         self.hello = ClientHello(client_id, _raw(self.ephemeral), os.urandom(16),
@@ -104,7 +110,7 @@ class ClientHandshake:
 
     def finish(self, reply: ServerHello) -> SessionKeys:
         transcript = reply.signed_part(self.hello)
-        if not verify(self.server_public, reply.signature, transcript):
+        if self.server_public is not None and not verify(self.server_public, reply.signature, transcript):
             raise CryptoError("server hello: bad signature (not the pinned server identity)")
         if self.attestation is not None:  # before any key exists: AttestationError unless the enclave is attested
             self.attestation.check(reply.quote, reply.ephemeral, self.hello.nonce)
@@ -143,13 +149,15 @@ class ReplayGuard:
             self.seen[key] = hello.timestamp_ms / 1000 + self.window + 1
 
 
-def server_accept(hello: ClientHello, identity: Identity, enrolled: dict[int, bytes],
+def server_accept(hello: ClientHello, identity: Identity | None, enrolled: dict[int, bytes],
                   replay: ReplayGuard | None = None,
                   enclave: Attester | None = None) -> tuple[ServerHello, SessionKeys]:
     """Check a client hello against the enrollment list (and, with ``replay``, its freshness) and answer
     it; CryptoError if it fails. With ``enclave`` (TEE mode: call this inside the enclave, so the ephemeral
     secret and the session keys never leave it) the answer carries the enclave's quote over its ephemeral
-    key, with the client's nonce as the challenge."""
+    key, with the client's nonce as the challenge; it may then go unsigned (``identity=None``)."""
+    if identity is None and enclave is None:
+        raise ValueError("only an attested enclave may answer a hello without a server identity")
     public = enrolled.get(hello.client_id)
     if public is None:
         raise CryptoError(f"handshake from unknown client {hello.client_id}")
@@ -163,6 +171,6 @@ def server_accept(hello: ClientHello, identity: Identity, enrolled: dict[int, by
     quote = b"" if enclave is None else enclave.quote(_raw(ephemeral), hello.nonce).to_bytes()
     reply = ServerHello(os.urandom(16), _raw(ephemeral), os.urandom(16), quote=quote)
     transcript = reply.signed_part(hello)
-    reply.signature = identity.sign(transcript)
+    reply.signature = identity.sign(transcript) if identity is not None else b""
     secret = _exchange(ephemeral, hello.ephemeral, f"handshake from client {hello.client_id}")
     return reply, _derive(secret, transcript + reply.signature, hello.client_id, reply.session_id)

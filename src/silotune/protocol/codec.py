@@ -39,6 +39,14 @@ def wire_dtype(name: str) -> torch.dtype:
     return WIRE_DTYPES[name]
 
 
+def wire_dtype_name(dtype: torch.dtype) -> str:
+    """The config name of a wire dtype (``wire_dtype``'s inverse)."""
+    for name, value in WIRE_DTYPES.items():
+        if value == dtype:
+            return name
+    raise ProtocolError(f"{dtype} is not a wire dtype (expected one of {', '.join(WIRE_DTYPES)})")
+
+
 def encode(msg: Message, dtype: torch.dtype = torch.float32) -> bytes:
     tensors: dict[str, torch.Tensor] = {}
     fields: dict = {}

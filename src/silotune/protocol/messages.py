@@ -89,8 +89,45 @@ class Control(Message):
     kind: ClassVar[str] = "control"
 
 
+@dataclass
+class EnclaveMessage(Message):
+    """TEE mode: a message between a client and the server's enclave (``tee/channel.py``), which the
+    server's host relays without being able to read it.
+
+    ``of`` says what it carries: ``hello`` / ``welcome``, the attested handshake that opens the client's
+    session with the enclave (public key material and the enclave's quote); ``forward``, ``returned``,
+    ``gradients``, the U-split's messages, and ``update`` / ``aggregate``, a client's FedAvg update and
+    the average it gets back, encoded and sealed under that session's keys. ``data``: those bytes
+    (uint8). In the clear, what the host needs to schedule and bound them and what the ciphertext's size
+    reveals anyway: a sealed tensor's ``rows`` and ``tokens`` (batch and sequence length), whether a
+    forward trains, and the FedAvg ``round``. The enclave checks them against the message it opens.
+    """
+
+    of: str = field(default="forward", metadata={"max_chars": 16})
+    data: torch.Tensor = None
+    rows: int = bounded(0, 2**31 - 1, default=0)
+    tokens: int = bounded(0, 2**31 - 1, default=0)
+    train: bool = True
+    round: int = bounded(0, 2**31, default=0)
+    kind: ClassVar[str] = "enclave"
+
+
+@dataclass
+class SealedTensor:
+    """The host's handle on a tensor sealed between a client and the enclave: the ciphertext and the shape
+    it declares, passed through the schedules to the enclave unread (never a ``Message`` field)."""
+
+    client: int
+    step: int
+    of: str
+    data: bytes
+    shape: tuple[int, ...]
+    train: bool = True
+    round: int = 0
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.kind: cls for cls in (ForwardActivations, ReturnedActivations, Gradients, Aggregation, Control)
+    cls.kind: cls for cls in (ForwardActivations, ReturnedActivations, Gradients, Aggregation, Control, EnclaveMessage)
 }
 
 

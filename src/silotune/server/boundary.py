@@ -21,8 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ProtocolError
+from ..protocol.messages import EnclaveMessage, SealedTensor
 
 log = logging.getLogger(__name__)
+
+HELLO_BYTES = 1024  # an enclave hello is 128 bytes
+SEALED_OVERHEAD = 16 << 10  # a sealed message's header, JSON and tag beyond its tensors' bytes
 
 
 @dataclass
@@ -71,8 +75,9 @@ class Limits:
 class Boundary:
     """Checks incoming tensors against the limits; counts refusals by reason."""
 
-    def __init__(self, limits: Limits):
-        self.limits = limits
+    def __init__(self, limits: Limits, update_bytes: int | None = None):
+        """``update_bytes``: the size of an honest FedAvg update in float32 (bounds sealed updates; None: unbounded)."""
+        self.limits, self.update_bytes = limits, update_bytes
         self.rejected: Counter[str] = Counter()
         self._lock = threading.Lock()
 
@@ -119,6 +124,38 @@ class Boundary:
         elif isinstance(hidden, torch.Tensor):
             raise self.refuse("malformed", where, "lengths missing")
         self._tensor(hidden, "activations", where)
+
+    def sealed(self, msg: EnclaveMessage) -> SealedTensor:
+        """What the host can check of a message a client sealed to the enclave (TEE mode): its kind, that it is
+        bytes, the declared batch and sequence within the limits and the size within what they allow. The
+        enclave checks the rest once it has opened it."""
+        where, lim = f"client {msg.client} step {msg.step}", self.limits
+        if msg.of not in ("hello", "forward", "gradients", "update"):
+            raise self.refuse("malformed", where, f"a client cannot send an enclave {msg.of!r} message")
+        data = msg.data
+        if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.ndim != 1:
+            raise self.refuse("malformed", where, f"enclave {msg.of}: data must be bytes (a 1-D uint8 tensor)")
+        if msg.of == "hello":
+            if data.numel() > HELLO_BYTES:
+                raise self.refuse("oversized", where, f"enclave hello of {data.numel()} bytes")
+            return SealedTensor(msg.client, msg.step, msg.of, data.numpy().tobytes(), ())
+        if msg.of == "update":
+            if self.update_bytes is not None and data.numel() > self.update_bytes + SEALED_OVERHEAD:
+                raise self.refuse("oversized", where, f"sealed update of {data.numel()} bytes (at most "
+                                  f"{self.update_bytes + SEALED_OVERHEAD})")
+            return SealedTensor(msg.client, msg.step, msg.of, data.numpy().tobytes(), (), round=msg.round)
+        if not 1 <= msg.rows <= lim.max_batch:
+            raise self.refuse("limit", where, f"sealed batch of {msg.rows} outside 1..{lim.max_batch} "
+                              "(boundary.max_batch)")
+        if not 1 <= msg.tokens <= lim.max_length:
+            raise self.refuse("limit", where, f"sealed sequence of {msg.tokens} tokens outside 1..{lim.max_length} "
+                              "(boundary.max_length)")
+        bound = msg.rows * msg.tokens * lim.hidden * 4 + msg.rows * 8 + SEALED_OVERHEAD
+        if data.numel() > bound:
+            raise self.refuse("oversized", where, f"sealed {msg.of} of {data.numel()} bytes for "
+                              f"({msg.rows}, {msg.tokens}, {lim.hidden}) (at most {bound})")
+        return SealedTensor(msg.client, msg.step, msg.of, data.numpy().tobytes(), (msg.rows, msg.tokens, lim.hidden),
+                            msg.train)
 
     def gradient(self, client: int, step: int, grad, shape: tuple[int, ...]) -> None:
         """``dL/dh2`` from a client: the shape of the ``h2`` it answers, float, finite."""

@@ -17,7 +17,16 @@ import threading
 from pathlib import Path
 
 from ..errors import ProtocolError, StepAborted
-from ..protocol.messages import Aggregation, Control, ForwardActivations, Gradients, Message, ReturnedActivations
+from ..protocol.messages import (
+    Aggregation,
+    Control,
+    EnclaveMessage,
+    ForwardActivations,
+    Gradients,
+    Message,
+    ReturnedActivations,
+)
+from ..tee.channel import as_tensor as _u8
 from . import checkpoint as ckpt
 from .aggregation import Aggregator
 from .boundary import Boundary
@@ -73,6 +82,11 @@ class TrunkServer:
             self.presence.exit(msg.client)
 
     def _handle(self, msg: Message) -> Message:
+        if isinstance(msg, EnclaveMessage):
+            return self._enclave(msg)
+        if isinstance(msg, (ForwardActivations, Gradients, Aggregation)) and getattr(self.runtime, "sealed", False):
+            raise self.boundary.refuse("unsealed", f"client {msg.client} step {msg.step}",
+                                       f"{msg.kind} in the clear to a trunk in an enclave: seal it to the enclave")
         if isinstance(msg, ForwardActivations):
             self.boundary.activations(msg.client, msg.step, msg.hidden, msg.lengths)
             if not msg.train:
@@ -90,8 +104,6 @@ class TrunkServer:
             except StepAborted:
                 self.boundary.count("aborted")
                 raise
-        if isinstance(msg, Control) and msg.command == "attest":
-            return self._attest(msg)
         if isinstance(msg, Control) and msg.command == "join":  # schedule calls stay outside the server lock
             self.schedule.rejoin(msg.client)
         if isinstance(msg, Control) and msg.command == "bye":
@@ -102,17 +114,34 @@ class TrunkServer:
             self.schedule.check_stale()
         return reply
 
-    def _attest(self, msg: Control) -> Control:
-        """The enclave's quote over a fresh key for the client's challenge (16 bytes, hex)."""
-        attest = getattr(self.runtime, "attest", None)
-        if attest is None:
-            raise self.boundary.refuse("attestation", f"client {msg.client}",
-                                       "attestation asked of a server whose trunk runs in no enclave (tee.mode: none)")
-        challenge = msg.payload.get("challenge")
-        if not (isinstance(challenge, str) and len(challenge) == 32 and all(c in "0123456789abcdef" for c in challenge)):
-            raise self.boundary.refuse("malformed", f"client {msg.client}", "attest: challenge must be 32 hex digits")
-        ephemeral, quote = attest(bytes.fromhex(challenge))
-        return Control(msg.client, msg.step, command="quote", payload={"ephemeral": ephemeral.hex(), "quote": quote.hex()})
+    def _enclave(self, msg: EnclaveMessage) -> EnclaveMessage:
+        """TEE mode: relay a client's hello, sealed activations or sealed gradients to the enclave, unread."""
+        if not getattr(self.runtime, "sealed", False):
+            raise self.boundary.refuse("unexpected", f"client {msg.client}",
+                                       f"enclave {msg.of} to a server whose trunk runs in no enclave (tee.mode: none)")
+        sealed = self.boundary.sealed(msg)
+        if msg.of == "hello":
+            return EnclaveMessage(msg.client, msg.step, of="welcome", data=_u8(self.runtime.hello(msg.client, sealed.data)))
+        if msg.of == "update":
+            with self.lock:
+                return self._submit(msg.client, msg.step, msg.round, sealed, None)
+        if msg.of == "forward":
+            part = Part(msg.client, msg.step, sealed, None)
+            out = self.schedule.forward(part) if msg.train else self.runtime.infer(sealed, None)
+            return EnclaveMessage(msg.client, msg.step, of="returned", data=_u8(out), rows=msg.rows, tokens=msg.tokens)
+        shape = self.schedule.grad_shape(msg.client, msg.step)
+        try:
+            if shape is None:
+                raise StepAborted(f"client {msg.client} step {msg.step}: no forward pass pending for this step "
+                                  "(it was dropped, or the server restarted): redo the step")
+            if (msg.rows, msg.tokens) != tuple(shape[:2]):
+                raise self.boundary.refuse("shape", f"client {msg.client} step {msg.step}",
+                                           f"sealed gradient declared ({msg.rows}, {msg.tokens}, ...), expected {shape}")
+            out = self.schedule.backward(msg.client, msg.step, sealed)
+            return EnclaveMessage(msg.client, msg.step, of="gradients", data=_u8(out), rows=msg.rows, tokens=msg.tokens)
+        except StepAborted:
+            self.boundary.count("aborted")
+            raise
 
     def _on_drop(self, client: int) -> None:
         """A client was dropped: rounds it held up may now complete."""
@@ -139,24 +168,36 @@ class TrunkServer:
         log.warning("resumed from checkpoint %s: round %d done, %d trunk steps", self.checkpoint,
                     state["round"], self.steps)
 
+    def _submit(self, client: int, step: int, round_: int, tensors, num_examples) -> Control:
+        """A client's FedAvg update (``tensors``: sealed to the enclave in TEE mode, its example count inside)."""
+        late = round_ <= self.aggregator.latest()[0]  # fields are typed by the codec
+        try:
+            closed = self.aggregator.submit(client, round_, tensors, num_examples)
+        except ProtocolError as exc:
+            raise self.boundary.refuse("update", "update", str(exc)) from None
+        if closed:
+            self._round_done(round_)
+        elif client not in self.schedule.active and round_ > self.aggregator.latest()[0]:
+            self.schedule.rejoin(client)  # dropped mid-round, it trained on: the round waits for it again
+        return Control(client, step, command="ack",
+                       payload={"late": True, "open_round": self.aggregator.latest()[0] + 1} if late else {})
+
+    @staticmethod
+    def _average(msg: Message, round_: int, aggregate) -> Message:
+        """A round's average for the client that asked: sealed for it by the enclave in TEE mode."""
+        if hasattr(aggregate, "seal_for"):
+            return EnclaveMessage(msg.client, msg.step, of="aggregate", data=_u8(aggregate.seal_for(msg.client, msg.step)),
+                                  round=round_)
+        return Aggregation(msg.client, msg.step, tensors=aggregate, round=round_)
+
     def _control(self, msg: Message) -> Message:
         if isinstance(msg, Aggregation):
-            late = msg.round <= self.aggregator.latest()[0]  # fields are typed by the codec
-            try:
-                closed = self.aggregator.submit(msg.client, msg.round, msg.tensors, msg.num_examples)
-            except ProtocolError as exc:
-                raise self.boundary.refuse("update", "update", str(exc)) from None
-            if closed:
-                self._round_done(msg.round)
-            elif msg.client not in self.schedule.active and msg.round > self.aggregator.latest()[0]:
-                self.schedule.rejoin(msg.client)  # dropped mid-round, it trained on: the round waits for it again
-            return Control(msg.client, msg.step, command="ack",
-                           payload={"late": True, "open_round": self.aggregator.latest()[0] + 1} if late else {})
+            return self._submit(msg.client, msg.step, msg.round, msg.tensors, msg.num_examples)
         if isinstance(msg, Control) and msg.command == "join":
             round_, aggregate = self.aggregator.latest()
             if aggregate is None:
                 return Control(msg.client, msg.step, command="joined", payload={"round": round_})
-            return Aggregation(msg.client, msg.step, tensors=aggregate, round=round_)
+            return self._average(msg, round_, aggregate)
         if isinstance(msg, Control) and msg.command == "fetch_aggregate":
             round_ = msg.payload.get("round", -1)  # an integer: the codec checked every field's type
             result = self.aggregator.result(round_)
@@ -165,7 +206,7 @@ class TrunkServer:
                 round_, result = latest, newest
             if result is None:
                 return Control(msg.client, msg.step, command="not_ready", payload={"round": round_})
-            return Aggregation(msg.client, msg.step, tensors=result, round=round_)
+            return self._average(msg, round_, result)
         if isinstance(msg, Control) and msg.command == "bye":
             self.presence.finish(msg.client)
             if self.presence.over(None):

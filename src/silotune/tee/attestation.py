@@ -57,8 +57,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..atomic import atomic_write
 from ..crypto.identity import CryptoError, fingerprint, load_ed25519_key, raw_public, verify
@@ -87,6 +88,22 @@ ENCLAVE_MODULES = (
     "silotune/crypto/identity.py",
     "silotune/crypto/handshake.py",
     "silotune/crypto/session.py",
+    "silotune/protocol/__init__.py",  # the enclave decodes what clients seal
+    "silotune/protocol/codec.py",
+    "silotune/protocol/messages.py",
+    "silotune/server/boundary.py",  # and checks it
+    "silotune/server/runtime.py",  # the trunk's pass, backward and optimizer step
+    "silotune/server/aggregation.py",  # the clients' FedAvg
+    "silotune/train/optim.py",
+    "silotune/compute.py",
+    "silotune/adapters/__init__.py",
+    "silotune/adapters/lora.py",
+    "silotune/adapters/prefix.py",
+    "silotune/adapters/spf.py",
+    "silotune/models/arch.py",
+    "silotune/models/loading.py",
+    "silotune/models/masks.py",
+    "silotune/models/partition.py",
 )
 
 
@@ -234,6 +251,12 @@ class AttestationBackend(ABC):
     def describe(self) -> str:
         """One line saying what this backend protects, and from whom."""
 
+    @abstractmethod
+    def sealing_key(self, measurement: bytes) -> bytes:
+        """A 32-byte key only an enclave with ``measurement`` on this platform can obtain (SGX: ``EGETKEY`` with
+        the MRENCLAVE policy; TDX / SEV-SNP: a key derived by the platform for the measured guest): what
+        the enclave's state is sealed under when it leaves the enclave (``tee/sealing.py``)."""
+
 
 class Verifier(ABC):
     """Checks the platform evidence of quotes from one backend (``backend``, its name)."""
@@ -274,6 +297,11 @@ class SimulatedBackend(AttestationBackend):
     def raw_private_key(self) -> bytes:
         """The platform key's raw bytes, to hand to the enclave process it stands for (never to a client)."""
         return self._key.private_bytes_raw()
+
+    def sealing_key(self, measurement: bytes) -> bytes:
+        """HKDF-SHA256 of the platform key, for this measurement (whoever holds the platform key can derive it)."""
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                    info=b"silotune-sealing-v1|" + measurement).derive(self.raw_private_key())
 
     def describe(self) -> str:
         return ("simulated enclave: separate OS process, no hardware protection (quotes signed by the local "

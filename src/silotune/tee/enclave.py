@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
 import weakref
 from dataclasses import asdict
@@ -41,23 +40,28 @@ class EnclaveError(SiloTuneError):
     """The enclave process failed, died or stopped answering."""
 
 
-class _Refusals:
-    """The enclave's stand-in for the boundary: a refusal becomes a ProtocolError carrying its reason,
-    so the host's boundary counts it."""
-
-    def refuse(self, reason: str, where: str, detail: str) -> ProtocolError:
-        err = ProtocolError(f"{where}: {detail}")
-        err.refusal = (reason, where, detail)
-        return err
-
-
 def _refusal(err: ProtocolError) -> tuple[str, str, str]:
     return getattr(err, "refusal", ("protocol", "enclave", str(err)))
 
 
 def enclave_config(spec: dict) -> dict:
     """What the enclave's measurement covers besides its code: the settings that decide what it does."""
-    return {k: spec[k] for k in ("split", "adapters", "optim", "seed", "tee", "model_files")}
+    return {k: spec[k] for k in ("split", "adapters", "optim", "seed", "tee", "model_files", "aggregation")}
+
+
+def _boundary(spec: dict, model_config):
+    """The enclave's boundary checks: the host's limits; a refusal becomes a ProtocolError carrying its reason,
+    which the host's boundary counts."""
+    from ..server.boundary import Boundary, Limits
+
+    class EnclaveBoundary(Boundary):
+        def refuse(self, reason: str, where: str, detail: str) -> ProtocolError:
+            err = ProtocolError(f"{where}: {detail}")
+            err.refusal = (reason, where, detail)
+            return err
+
+    limits = Limits(**spec["limits"]) if spec.get("limits") else Limits.unbounded(model_config)
+    return EnclaveBoundary(limits)
 
 
 def _build(spec: dict):
@@ -84,53 +88,186 @@ def _build(spec: dict):
                   else InProcessWorker(record=spec["record"]))
         pool = MaskPool(tee.masks())
         offload_linears(trunk, worker, pool)
-    return TrunkRuntime(trunk, OptimSettings(**spec["optim"]), _Refusals(), compute), worker, pool, tee
+    boundary = _boundary(spec, trunk.config)
+    return TrunkRuntime(trunk, OptimSettings(**spec["optim"]), boundary, compute), worker, pool, tee, boundary
 
 
 class _Enclave:
-    """Inside the enclave process: the runtime, its passes, the mask pool and the attester."""
+    """Inside the enclave process: the runtime, its passes, the clients' sessions, the mask pool and the attester.
+
+    What clients sealed (``SealedTensor``) is opened and checked here and the answers sealed here; a plain
+    tensor (a tool or test driving the runtime directly) is used as it is."""
 
     def __init__(self, spec: dict):
-        from .attestation import Attester, SimulatedBackend
-
-        self.runtime, self.worker, self.pool, self.tee = _build(spec)
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+        from ..protocol.codec import wire_dtype
+        from .attestation import Attester, SimulatedBackend
+        from .channel import EnclaveSessions
+
+        self.runtime, self.worker, self.pool, self.tee, boundary = _build(spec)
         # the simulated platform's key: it stands for the hardware vendor's (never part of the measurement)
         self.backend = SimulatedBackend(Ed25519PrivateKey.from_private_bytes(spec["platform_key"]))
         self.attester = Attester.for_enclave(self.backend, enclave_config(spec))
-        self.passes: dict[int, object] = {}
+        enrolled = {int(k): bytes.fromhex(v) for k, v in spec.get("enrolled", {}).items()}
+        self.sessions = EnclaveSessions(self.attester, enrolled, boundary, wire_dtype(spec.get("wire_dtype", "fp32")),
+                                        spec.get("handshake_window", 300.0))
+        self.aggregator = None
+        if spec.get("federation"):  # the clients' FedAvg happens in here: their updates arrive sealed
+            from ..server.aggregation import AggregationSettings, Aggregator
+
+            fed = spec["federation"]
+            self.aggregator = Aggregator(fed["n_clients"], fed["layout"], fed["start"],
+                                         AggregationSettings(**spec["aggregation"]), max_examples=fed["max_examples"])
+        self.passes: dict[int, tuple] = {}
         self.ids = itertools.count()
         self.refill = 0  # rows of masks to precompute once the current request is answered
 
+    def _open(self, h1, lengths, client: int, step: int, shape=None):
+        """(tensor, lengths) of a part: opened and checked if sealed."""
+        from ..protocol.messages import SealedTensor
+
+        if not isinstance(h1, SealedTensor):
+            return h1, lengths
+        msg = self.sessions.open(h1, shape)
+        return (msg.hidden, msg.lengths) if h1.of == "forward" else (msg.grad, None)
+
+    def _seal(self, sealed, client: int, step: int, t: torch.Tensor, of: str):
+        """``t`` as the enclave's answer: sealed for the client if what it answers was sealed."""
+        from ..protocol.messages import Gradients, ReturnedActivations
+
+        if not sealed:
+            return t
+        reply = ReturnedActivations(client, step, hidden=t) if of == "returned" else Gradients(client, step, grad=t)
+        return self.sessions.seal(client, reply)
+
     def forward(self, parts, dead):
+        from ..protocol.messages import SealedTensor
         from ..server.runtime import Part
 
         for pid in dead:
             self.passes.pop(pid, None)
-        pass_ = self.runtime.forward([Part(*p) for p in parts])
-        outputs, refused = [], {i: _refusal(e) for i, e in pass_.refused.items()}
-        for i in range(len(parts)):
-            outputs.append(None if i in refused else pass_.output(i))
+        opened, refused = [], {}
+        for i, (client, step, h1, lengths) in enumerate(parts):
+            try:
+                opened.append((i, Part(client, step, *self._open(h1, lengths, client, step))))
+            except ProtocolError as exc:
+                refused[i] = _refusal(exc)
+        pass_ = self.runtime.forward([p for _, p in opened]) if opened else None
+        index = {i: j for j, (i, _) in enumerate(opened)}
+        outputs = [None] * len(parts)
+        for i, j in index.items():
+            if j in pass_.refused:
+                refused[i] = _refusal(pass_.refused[j])
+            else:
+                client, step, h1, _ = parts[i]
+                outputs[i] = self._seal(isinstance(h1, SealedTensor), client, step, pass_.output(j), "returned")
         pid = next(self.ids)
-        self.passes[pid] = pass_
-        self.refill = sum(p[2].shape[0] * p[2].shape[1] for p in parts)
+        self.passes[pid] = (pass_, index, parts)
+        self.refill = sum(p.h1.shape[0] * p.h1.shape[1] for _, p in opened)
         return pid, outputs, refused
 
     def backward(self, pid, grads):
-        pass_ = self.passes.pop(pid, None)
-        if pass_ is None:
+        from ..protocol.messages import SealedTensor
+
+        entry = self.passes.pop(pid, None)
+        if entry is None:
             raise EnclaveError(f"enclave: no pass {pid} (already stepped or dropped)")
-        out = self.runtime.backward(pass_, grads)
-        return {i: (v if isinstance(v, torch.Tensor) else _refusal(v)) for i, v in out.items()}, self.runtime.steps
+        pass_, index, parts = entry
+        out, opened = {}, {}
+        for i, g in grads.items():
+            client, step = parts[i][:2]
+            try:
+                opened[index[i]] = self._open(g, None, client, step, pass_.shape(index[i]))[0]
+            except ProtocolError as exc:
+                out[i] = _refusal(exc)
+        results = self.runtime.backward(pass_, opened) if opened else {}
+        for i, j in index.items():
+            if j not in results:
+                continue
+            v = results[j]
+            if isinstance(v, torch.Tensor):
+                client, step = parts[i][:2]
+                out[i] = self._seal(isinstance(grads[i], SealedTensor), client, step, v, "gradients")
+            else:
+                out[i] = _refusal(v)
+        return out, self.runtime.steps
 
-    def attest(self, challenge: bytes):
-        from cryptography.hazmat.primitives import serialization
-        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    def infer(self, h1, lengths):
+        from ..protocol.messages import SealedTensor
 
-        key = X25519PrivateKey.generate()  # a real session would keep it for the key exchange
-        public = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-        return public, self.attester.quote(public, challenge).to_bytes()
+        sealed = isinstance(h1, SealedTensor)
+        client, step = (h1.client, h1.step) if sealed else (0, 0)
+        try:
+            hidden, lengths = self._open(h1, lengths, client, step)
+        except ProtocolError as exc:
+            return ("refused", _refusal(exc))
+        return ("ok", self._seal(sealed, client, step, self.runtime.infer(hidden, lengths), "returned"))
+
+    def hello(self, client: int, data: bytes):
+        try:
+            return ("ok", self.sessions.hello(client, data))
+        except ProtocolError as exc:
+            return ("refused", _refusal(exc))
+
+    # ---- FedAvg of the clients' heads and tails, inside the enclave ----
+    def _who(self, expected, participants):
+        self.aggregator.expected = lambda: set(expected)  # the host's schedule decides who a round waits for
+        self.aggregator.participants = lambda: set(participants)
+
+    def agg_submit(self, sealed, expected, participants):
+        self._who(expected, participants)
+        try:
+            msg = self.sessions.open(sealed)
+            return ("ok", self.aggregator.submit(sealed.client, sealed.round, msg.tensors, msg.num_examples))
+        except ProtocolError as exc:
+            return ("refused", str(exc))
+
+    def agg_recheck(self, expected, participants):
+        self._who(expected, participants)
+        return self.aggregator.recheck()
+
+    def agg_latest(self):
+        round_, aggregate = self.aggregator.latest()
+        return round_, aggregate is not None
+
+    def agg_has(self, round_):
+        return self.aggregator.result(round_) is not None
+
+    def agg_seal(self, client, step, round_):
+        """Round ``round_``'s average sealed for ``client`` (answering its message of ``step``)."""
+        from ..protocol.messages import Aggregation
+
+        aggregate = self.aggregator.result(round_)
+        try:
+            return ("ok", self.sessions.seal(client, Aggregation(client, step, tensors=aggregate, round=round_)))
+        except ProtocolError as exc:
+            return ("refused", _refusal(exc))
+
+    def agg_state(self):
+        from .sealing import seal_state
+
+        key = self.backend.sealing_key(self.attester.measurement)
+        return seal_state(self.aggregator.state_dict(), key, self.attester.measurement), self.aggregator.latest()[0]
+
+    def agg_load(self, blob: bytes):
+        from .sealing import open_state
+
+        key = self.backend.sealing_key(self.attester.measurement)
+        self.aggregator.load_state_dict(open_state(blob, key, self.attester.measurement))
+
+    def sealed_state(self):
+        """The runtime's state sealed for this enclave (``sealing.py``), and its step count."""
+        from .sealing import seal_state
+
+        key = self.backend.sealing_key(self.attester.measurement)
+        return seal_state(self.runtime.state_dict(), key, self.attester.measurement), self.runtime.steps
+
+    def load_sealed(self, blob: bytes):
+        from .sealing import open_state
+
+        key = self.backend.sealing_key(self.attester.measurement)
+        self.runtime.load_state_dict(open_state(blob, key, self.attester.measurement))
 
     def stats(self):
         out = {"backend": self.backend.name, "hardware_protection": self.backend.hardware_protection,
@@ -157,10 +294,13 @@ def _serve(conn, spec: dict) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
-    ops = {"forward": enclave.forward, "backward": enclave.backward, "attest": enclave.attest,
-           "infer": lambda h1, lengths: enclave.runtime.infer(h1, lengths), "stats": enclave.stats,
+    ops = {"forward": enclave.forward, "backward": enclave.backward, "hello": enclave.hello,
+           "infer": enclave.infer, "stats": enclave.stats,
            "view": enclave.view, "state": enclave.runtime.state_dict, "steps": lambda: enclave.runtime.steps,
-           "load": enclave.runtime.load_state_dict}
+           "load": enclave.runtime.load_state_dict, "sealed_state": enclave.sealed_state,
+           "load_sealed": enclave.load_sealed, "agg_submit": enclave.agg_submit, "agg_recheck": enclave.agg_recheck,
+           "agg_latest": enclave.agg_latest, "agg_has": enclave.agg_has, "agg_seal": enclave.agg_seal,
+           "agg_state": enclave.agg_state, "agg_load": enclave.agg_load}
     try:
         while True:
             try:
@@ -249,8 +389,14 @@ class EnclaveRuntime:
     def steps(self) -> int:
         return self._steps
 
-    def infer(self, h1: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        return self._call("infer", h1, lengths)
+    sealed = True  # clients' activations and gradients reach this runtime sealed (``tee/channel.py``)
+
+    def infer(self, h1, lengths):
+        """The trunk's output for ``h1`` without training: sealed for its client if ``h1`` is a ``SealedTensor``."""
+        status, value = self._call("infer", h1, lengths)
+        if status == "refused":
+            raise self.boundary.refuse(*value)
+        return value
 
     def forward(self, parts) -> RemotePass:
         dead, self._dead = self._dead, []
@@ -262,15 +408,32 @@ class EnclaveRuntime:
 
     def backward(self, pass_: RemotePass, grads: dict[int, torch.Tensor]) -> dict:
         out, self._steps = self._call("backward", pass_.pid, grads)
-        return {i: (v if isinstance(v, torch.Tensor) else self.boundary.refuse(*v)) for i, v in out.items()}
+        return {i: (self.boundary.refuse(*v) if isinstance(v, tuple) else v) for i, v in out.items()}
 
     def state_dict(self) -> dict:
-        if not self.tee.release_trunk:
-            raise EnclaveError("the enclave keeps its trunk adapters (tee.release_trunk: false): no state to save")
-        return self._call("state")
+        """The trunk's state for a checkpoint: in the clear with ``tee.release_trunk``, else sealed for this
+        enclave (``sealed_trunk``: bytes only an enclave with the same measurement on this platform can open)."""
+        if self.tee.release_trunk:
+            return self._call("state")
+        from .channel import as_tensor
+
+        blob, steps = self._call("sealed_state")
+        return {"sealed_trunk": as_tensor(blob), "steps": steps}
+
+    def sealed_state(self) -> bytes:
+        """The trunk's state sealed for this enclave, whatever ``tee.release_trunk`` says."""
+        return self._call("sealed_state")[0]
 
     def load_state_dict(self, state: dict) -> None:
-        self._call("load", state)
+        if "sealed_trunk" in state:
+            from .channel import as_bytes
+
+            self._call("load_sealed", as_bytes(state["sealed_trunk"]))
+        elif not self.tee.release_trunk:
+            raise EnclaveError("the enclave keeps its trunk adapters (tee.release_trunk: false) and restores only "
+                               "state it sealed; this checkpoint holds a trunk in the clear")
+        else:
+            self._call("load", state)
         self._steps = state["steps"]
 
     @property
@@ -285,9 +448,13 @@ class EnclaveRuntime:
         return stage
 
     # ---- TEE-specific ----
-    def attest(self, challenge: bytes) -> tuple[bytes, bytes]:
-        """(the enclave's fresh ephemeral key, its quote binding that key to ``challenge``)."""
-        return self._call("attest", challenge)
+    def hello(self, client: int, data: bytes) -> bytes:
+        """Relay a client's hello to the enclave; its welcome (the enclave's quote, and its half of the key
+        exchange) comes back. The session's keys exist only inside the enclave."""
+        status, value = self._call("hello", client, data)
+        if status == "refused":
+            raise self.boundary.refuse(*value)
+        return value
 
     def stats(self) -> dict:
         """The backend, the measurement, and the offload's FLOP and mask counters."""
@@ -306,10 +473,79 @@ class EnclaveRuntime:
         self._finalizer()
 
 
+class SealedAggregate:
+    """The host's handle on a round's average, which only the enclave holds: ``seal_for`` asks it for a copy
+    sealed for one client."""
+
+    def __init__(self, aggregator: EnclaveAggregator, round_: int):
+        self.aggregator, self.round = aggregator, round_
+
+    def seal_for(self, client: int, step: int) -> bytes:
+        status, value = self.aggregator.runtime._call("agg_seal", client, step, self.round)
+        if status == "refused":
+            raise self.aggregator.runtime.boundary.refuse(*value)
+        return value
+
+
+class EnclaveAggregator:
+    """The aggregation strategy's interface (``server/aggregation.py``), served by the enclave: in TEE mode the
+    clients' updates arrive sealed and are averaged inside the enclave; the host learns rounds, never tensors.
+    The host's schedule still decides whom a round waits for (``expected``, ``participants``)."""
+
+    sealed = True
+
+    def __init__(self, runtime: EnclaveRuntime, n_clients: int, layout: dict[str, tuple[int, ...]]):
+        self.runtime, self.n_clients, self.layout = runtime, n_clients, layout
+        self.expected = lambda: set(range(n_clients))
+        self.participants = lambda: self.expected()
+
+    def _who(self) -> tuple[list[int], list[int]]:
+        return sorted(self.expected()), sorted(self.participants())
+
+    def submit(self, client: int, round_: int, tensors, num_examples=None) -> bool:
+        """``tensors``: the client's update as it sealed it (a ``SealedTensor``); its example count is inside."""
+        status, value = self.runtime._call("agg_submit", tensors, *self._who())
+        if status == "refused":
+            raise ProtocolError(value)
+        return value
+
+    def recheck(self) -> list[int]:
+        return self.runtime._call("agg_recheck", *self._who())
+
+    def latest(self):
+        round_, has = self.runtime._call("agg_latest")
+        return round_, (SealedAggregate(self, round_) if has else None)
+
+    def result(self, round_: int):
+        return SealedAggregate(self, round_) if self.runtime._call("agg_has", round_) else None
+
+    def state_dict(self) -> dict:
+        from .channel import as_tensor
+
+        blob, round_ = self.runtime._call("agg_state")
+        return {"sealed_aggregator": as_tensor(blob), "round": round_}
+
+    def load_state_dict(self, state: dict) -> None:
+        from .channel import as_bytes
+
+        if "sealed_aggregator" not in state:
+            raise EnclaveError("the enclave averages the clients' updates and restores only aggregation state it "
+                               "sealed; this checkpoint holds it in the clear")
+        self.runtime._call("agg_load", as_bytes(state["sealed_aggregator"]))
+
+
 def enclave_spec(model_dir, split, adapters, optim, seed: int, compute, tee: TeeSettings, *,
-                 platform_key: bytes = b"", threads: int | None = None, record: bool = False) -> dict:
+                 platform_key: bytes = b"", threads: int | None = None, record: bool = False,
+                 enrolled: dict[int, bytes] | None = None, limits=None, wire_dtype: str = "fp32",
+                 handshake_window: float = 300.0, aggregation=None, federation: dict | None = None) -> dict:
     """Everything the enclave process needs to build its trunk, as plain data; ``enclave_config`` of it is
-    measured. ``platform_key``: the simulated platform's raw Ed25519 private key (not measured)."""
+    measured. Not measured: ``platform_key`` (the simulated platform's raw Ed25519 private key), ``enrolled``
+    (client id -> Ed25519 public key: who may open a session), ``limits`` (the boundary's ``Limits``; None:
+    shape checks only), the wire dtype of its sealed answers and the hello freshness window. ``aggregation``
+    (``AggregationSettings``, measured) and ``federation`` (``n_clients``, ``layout``, ``start``: the clients'
+    initial adapters, ``max_examples``) make it average the clients' updates too."""
+    from ..server.aggregation import AggregationSettings
+
     from pathlib import Path
 
     model_dir = Path(model_dir)
@@ -317,7 +553,11 @@ def enclave_spec(model_dir, split, adapters, optim, seed: int, compute, tee: Tee
     return {"model_dir": str(model_dir), "model_files": files, "split": asdict(split), "adapters": asdict(adapters),
             "optim": asdict(optim), "seed": seed, "tee": asdict(tee), "device": str(compute.device),
             "dtype": str(compute.dtype).removeprefix("torch."), "record": record, "platform_key": platform_key,
-            "threads": threads or max(1, torch.get_num_threads())}
+            "threads": threads or max(1, torch.get_num_threads()),
+            "enrolled": {str(k): v.hex() for k, v in (enrolled or {}).items()},
+            "limits": asdict(limits) if limits is not None else None, "wire_dtype": wire_dtype,
+            "handshake_window": handshake_window,
+            "aggregation": asdict(aggregation or AggregationSettings()), "federation": federation}
 
 
 def expected_measurement(spec: dict) -> bytes:
@@ -327,15 +567,4 @@ def expected_measurement(spec: dict) -> bytes:
     return measurement(enclave_code_files(), enclave_config(spec))
 
 
-def verify_enclave(attest, policy) -> object:
-    """A client's check before it sends anything: a fresh challenge, the enclave's quote over its new ephemeral
-    key and that challenge (``attest(challenge) -> (ephemeral, quote)``: ``EnclaveRuntime.attest``, or a client
-    asking over its transport), verified by ``policy`` (``attestation.AttestationPolicy``); returns the accepted
-    quote, raises ``AttestationError``."""
-    challenge = os.urandom(16)
-    ephemeral, quote = attest(challenge)
-    return policy.check(quote, ephemeral, challenge)
-
-
-__all__ = ["EnclaveRuntime", "EnclaveError", "RemotePass", "enclave_spec", "enclave_config", "expected_measurement",
-           "verify_enclave"]
+__all__ = ["EnclaveRuntime", "EnclaveAggregator", "EnclaveError", "RemotePass", "enclave_spec", "enclave_config", "expected_measurement"]
