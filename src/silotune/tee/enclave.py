@@ -544,9 +544,9 @@ def enclave_spec(model_dir, split, adapters, optim, seed: int, compute, tee: Tee
     shape checks only), the wire dtype of its sealed answers and the hello freshness window. ``aggregation``
     (``AggregationSettings``, measured) and ``federation`` (``n_clients``, ``layout``, ``start``: the clients'
     initial adapters, ``max_examples``) make it average the clients' updates too."""
-    from ..server.aggregation import AggregationSettings
-
     from pathlib import Path
+
+    from ..server.aggregation import AggregationSettings
 
     model_dir = Path(model_dir)
     files = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".json", ".safetensors"))
