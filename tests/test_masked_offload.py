@@ -26,10 +26,12 @@ from silotune.tee.masking import (
     MaskPool,
     MaskReuseError,
     MaskSettings,
+    _csprng_normal,
+    _keystream,
     offload_linear,
     offload_linears,
 )
-from silotune.tee.worker import InProcessWorker, ProcessWorker, WorkerError
+from silotune.tee.worker import InProcessWorker, ProcessWorker, WorkerError, shared_memory_available
 from silotune.train.loss import lm_loss
 
 from .test_exactness import batch
@@ -198,6 +200,87 @@ def test_default_masks_come_from_the_os_csprng_with_unit_variance():
         assert 1e6 <= scale / float(x.pow(2).mean().sqrt()) < 2e6  # rounded up to a power of two
         seen.append(r)
     assert abs(corr(*seen)) < 5 / math.sqrt(seen[0].numel())
+
+
+def test_csprng_normal_is_a_standard_gaussian():
+    """The default sampler's output, over n ~ 2e5 draws (an odd count: Box-Muller's pairs are cut):
+    mean 0, variance 1, kurtosis 3 (a uniform of the same variance has 1.8) and the Gaussian's mass
+    within one and two standard deviations, each within 5 standard errors."""
+    z = _csprng_normal(333, 601)
+    assert z.shape == (333, 601) and z.dtype == torch.float64 and z.is_contiguous()
+    z = z.flatten()
+    n = z.numel()
+    assert torch.isfinite(z).all()
+    assert abs(float(z.mean())) < 5 / math.sqrt(n)
+    assert abs(float(z.var()) - 1) < 5 * math.sqrt(2 / n)
+    assert abs(float(z.pow(4).mean()) - 3) < 5 * math.sqrt(96 / n)
+    for k, p in [(1, 0.682689), (2, 0.954500)]:
+        assert abs(float((z.abs() < k).double().mean()) - p) < 5 * math.sqrt(p * (1 - p) / n), k
+    assert _csprng_normal(0, 5).shape == (0, 5) and _csprng_normal(1, 1).shape == (1, 1)
+
+
+def test_masks_come_from_an_aes_ctr_keystream_under_a_fresh_os_urandom_key(monkeypatch):
+    """The keystream is AES-256-CTR under a key from os.urandom, a new key for every chunk, and torch's
+    (predictable) generator plays no part: with os.urandom pinned the masks repeat whatever torch's seed."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    n = 3 * (1 << 20) + 40  # more than one piece of the zero plaintext
+    a, b = _keystream(n)[:n], _keystream(n)[:n]
+    assert a.shape == (n,) and not torch.equal(a, b)  # a fresh key per call
+    key = bytes(range(32))
+    aes = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor().update(bytes(n))
+    monkeypatch.setattr("silotune.tee.masking.os.urandom", lambda k: key[:k])
+    assert _keystream(n)[:n].numpy().tobytes() == aes
+    torch.manual_seed(0)
+    z1 = _csprng_normal(8, 8)
+    torch.manual_seed(1)
+    assert torch.equal(_csprng_normal(8, 8), z1)  # pinned key: same masks, whatever torch's seed
+
+
+def test_two_pools_never_draw_equal_masks():
+    """Two default pools (and two refills of one pool) draw independent masks: no element in common,
+    correlations at chance, even with torch's generator reseeded identically before each."""
+    w = torch.randn(40, 48)
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        pool = MaskPool()
+        pool.register("w", w)
+        pool.precompute(64)
+        for _ in range(2):  # two refills of the same pool
+            pair = pool.take("w", "fwd", 64)
+            masks.append(pair.apply(torch.zeros(64, 48), 1.0))  # = the mask itself
+            pool.precompute(64)
+    n = masks[0].numel()
+    for i in range(len(masks)):
+        for j in range(i):
+            assert not (masks[i] == masks[j]).any(), (i, j)
+            assert abs(corr(masks[i], masks[j])) < 5 / math.sqrt(n), (i, j)
+
+
+def test_masking_and_unmasking_are_bit_exact_and_spend_the_mask():
+    """In-place masking and the one-pass unmasking round exactly as ``t + c r`` and
+    ``(out - c rW).to(float32)``; the mask's buffer is overwritten (nothing of r is left behind) and
+    the rows that follow in the same precomputed chunk are untouched."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 48)
+    pool = MaskPool(MaskSettings(seed=9))
+    pool.register("w", w)
+    pool.precompute(10)
+    chunk = pool._queues[("w", "fwd")][0][1]
+    chunk_mask, chunk_product = (t.clone() for t in pool._queues[("w", "fwd")][0][1:])
+    pair = pool.take("w", "fwd", 6)
+    x = torch.randn(6, 48)
+    scale = 2.0 ** 21
+    masked = pair.apply(x, scale)
+    assert torch.equal(masked, x.double() + scale * chunk_mask[:6])
+    assert torch.equal(chunk[:6], masked) and pair._mask is None  # the mask's rows now hold x + c r
+    out = masked @ w.double().t()
+    got = pair.unmask(out, scale, torch.float32)
+    assert got.dtype == torch.float32 and torch.equal(got, (out - scale * chunk_product[:6]).float())
+    assert torch.allclose(got, x @ w.t(), atol=1e-5)
+    rest = pool.take("w", "fwd", 4)  # the chunk's other rows: still the original masks
+    assert torch.equal(rest.apply(torch.zeros(4, 48), 1.0), chunk_mask[6:])
 
 
 # ---- a whole tiny model with LoRA ----
@@ -384,5 +467,61 @@ def test_dead_process_worker_gives_a_clear_error_not_a_hang():
             worker.forward("w", x)
         assert time.monotonic() - t0 < 10
         assert not worker.process.is_alive()  # a stuck worker is killed, not left behind
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("shared", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not shared_memory_available(), reason="no memfd"))], ids=["socket", "shared-region"])
+def test_process_worker_moves_large_and_empty_tensors_exactly_and_times_out_mid_transfer(shared):
+    """Over the socket (raw bytes) and through the shared region (which then has to grow): a tensor
+    far larger than the socket's buffers or the first region, and one with no rows, arrive exactly;
+    a worker stopped while a large request is under way is reported within the timeout, not waited
+    on forever."""
+    torch.manual_seed(0)
+    w64 = torch.randn(1536, 576, dtype=torch.float64)
+    big = torch.randn(4096, 576, dtype=torch.float64)  # 19 MB in, 50 MB back
+    worker = ProcessWorker(threads=1, timeout=30.0, record=True, shared_memory=shared)
+    try:
+        assert worker.shared_memory is shared
+        worker.load("w", w64)
+        assert torch.allclose(worker.forward("w", big), big @ w64.t(), rtol=1e-12, atol=1e-10)
+        g = torch.randn(4096, 1536, dtype=torch.float64)
+        assert torch.allclose(worker.backward("w", g), g @ w64, rtol=1e-12, atol=1e-10)
+        load, fwd, bwd = worker.received()
+        assert torch.equal(load.tensor, w64) and torch.equal(fwd.tensor, big) and torch.equal(bwd.tensor, g)
+        worker.clear_received()
+        empty = worker.forward("w", torch.empty(0, 576, dtype=torch.float64))
+        assert empty.shape == (0, 1536) and empty.dtype == torch.float64
+        with pytest.raises(WorkerError, match="expects"):  # a wrong shape is refused, and it keeps serving
+            worker.forward("w", torch.zeros(3, 5, dtype=torch.float64))
+        assert torch.allclose(worker.forward("w", big[:7]), big[:7] @ w64.t(), rtol=1e-12, atol=1e-10)
+        worker.timeout = 1.0
+        os.kill(worker.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError, match="gave no answer within 1 s"):
+            worker.forward("w", torch.cat([big, big]))  # socket: blocks on the full buffer; region: on its growth
+        assert time.monotonic() - t0 < 10
+        assert not worker.process.is_alive()
+    finally:
+        worker.close()
+
+
+@pytest.mark.skipif(not shared_memory_available(), reason="no memfd")
+def test_shared_region_holds_only_masked_inputs_and_products():
+    """Everything the worker can read in the shared region (all of it, not just what it records) is
+    at chance correlation with the true inputs: masking happens in enclave memory before the copy."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48).requires_grad_(False)
+    x = 3.0 + torch.randn(512, 64)
+    worker = ProcessWorker(threads=1)
+    try:
+        masked = offload_linear(copy.deepcopy(lin), "l", worker, MaskPool())
+        xi = x.clone().requires_grad_()
+        y = masked(xi)
+        assert torch.allclose(y, lin(x), atol=TOL)
+        region = worker._region[:x.numel() * 8].view(torch.float64)  # the input slot of the last call
+        assert abs(corr(region, x)) < 5 / math.sqrt(x.numel())
+        assert not torch.isclose(region, x.double().flatten()).any()
     finally:
         worker.close()
