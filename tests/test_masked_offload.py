@@ -85,6 +85,55 @@ def test_masked_layer_equals_plain_forward_and_backward(kind, dtype, scale, tol)
     assert abs(corr(view[1].tensor, gy)) < 5 / math.sqrt(gy.numel())
 
 
+class TamperingWorker(InProcessWorker):
+    """An untrusted accelerator that adds ``delta`` to one entry of the products it returns."""
+
+    def __init__(self, delta: float, op: str = "forward"):
+        super().__init__()
+        self.delta, self.op = delta, op
+
+    def _tamper(self, out):
+        out = out.clone()
+        out[1, 3] += self.delta
+        return out
+
+    def forward(self, name, masked):
+        out = super().forward(name, masked)
+        return self._tamper(out) if self.op == "forward" else out
+
+    def backward(self, name, masked_grad):
+        out = super().backward(name, masked_grad)
+        return self._tamper(out) if self.op == "backward" else out
+
+
+@pytest.mark.parametrize("op", ["forward", "backward"])
+@pytest.mark.parametrize("dtype,scale,delta", [("fp64", 1e6, 1e-3), ("fp32", 1e2, 100.0)])
+def test_a_worker_that_alters_a_product_is_refused_before_it_is_used(op, dtype, scale, delta):
+    """Freivalds' check: a product with one entry off (by 1e-3 with the exact fp64 offload, by a gross amount
+    in fp32, whose rounding hides smaller changes) is refused with a WorkerError and counted; without the check
+    the altered value flows into the result; honest products pass."""
+    x, gy = torch.randn(3, 7, 48), torch.randn(3, 7, 40)
+    plain = frozen_layer("linear")
+    expected = plain(x)
+    pool = MaskPool(MaskSettings(scale, dtype))
+    layer = offload_linear(frozen_layer("linear"), "l", TamperingWorker(delta, op), pool)
+    xm = x.clone().requires_grad_()
+    with pytest.raises(WorkerError, match="integrity check"):
+        layer(xm).backward(gy)
+    assert pool.stats.integrity_failures == 1
+    honest = offload_linear(frozen_layer("linear"), "h", InProcessWorker(), hpool := MaskPool(MaskSettings(scale, dtype)))
+    xh = x.clone().requires_grad_()
+    honest(xh).backward(gy)
+    assert hpool.stats.verified_calls == 2 and hpool.stats.integrity_failures == 0
+    unchecked_pool = MaskPool(MaskSettings(scale, dtype, verify=False))
+    unchecked = offload_linear(frozen_layer("linear"), "u", TamperingWorker(delta, op), unchecked_pool)
+    xu = x.clone().requires_grad_()
+    out = unchecked(xu)
+    out.backward(gy)
+    changed = (out - expected) if op == "forward" else (xu.grad - xh.grad)
+    assert changed.abs().max() > 0.5 * delta / (1 if dtype == "fp64" else 10), "the tampering reaches the result"
+
+
 def test_offload_keeps_the_module_its_hooks_and_extra_parameters():
     """Converted in place: the same object, with a hook and a trainable parameter of its own (as
     SPF's sparse delta) still applied, in the enclave, on top of the offloaded product."""

@@ -66,6 +66,15 @@ during the call (counted in ``on_demand_flops``, logged once). Drawing the masks
 per step) on 2 CPU cores, about 0.6 s against about 1.2 s for their float64 products; it was 2.6 s
 with ``os.urandom`` for every byte and an integer-to-float conversion (``_csprng_normal``).
 
+Integrity. The worker is untrusted for correctness too: with ``verify`` (the default) every product
+it returns is checked before the enclave uses it, by Freivalds' method: ``product @ v`` must equal
+``masked @ u`` with ``u = W^T v`` (backward: ``W v``) for a secret Gaussian ``v`` per layer and
+direction, drawn from the CSPRNG and renewed at every refill of the pool. A changed entry moves its
+row's check by ``error * v_j``; the tolerance is the offload dtype's rounding (64 eps sqrt(d) times
+the rows' norms), so the fp64 worker's products are checked to about 1e-11 of the masked rows'
+norms and the fp32 worker's only to about 1e-3 (its rounding at mask scale 1e2 hides smaller
+changes). Cost: two matrix-vector products per call (``verify_flops``).
+
 Weights. The worker receives each frozen weight once (cast to the offload dtype). The enclave
 keeps its own copy too: the unmasking products need ``W``, and peft's LoRA layers read the base
 layer's weight (shape, dtype, device). In an SGX deployment this is enclave memory (Slalom
@@ -128,7 +137,8 @@ class MaskSettings:
     arithmetic ('fp64' for exactness, 'fp32' for speed). ``seed``: None draws masks from a CSPRNG
     (an AES-256-CTR keystream under a fresh ``os.urandom`` key for every chunk of masks, turned
     Gaussian by Box-Muller); an integer uses torch's (non-cryptographic) generator, for
-    reproducible tests only.
+    reproducible tests only. ``verify``: check each product the worker returns before it is used
+    (Freivalds: ``product @ v`` against ``masked @ (W^T v)`` for a secret random ``v``).
     """
 
     mask_scale: float = 1e6
@@ -137,6 +147,7 @@ class MaskSettings:
     reference: float = 1.0
     grad_reference: float = 1e-4
     seed: int | None = None
+    verify: bool = True
 
     def __post_init__(self):
         if self.offload_dtype not in DTYPES:
@@ -169,6 +180,13 @@ class OffloadStats:
     worker_seconds: float = 0.0
     """Wall time the enclave spent waiting for the worker's products (sending, computing, receiving)."""
     precompute_seconds: float = 0.0
+    verified_calls: int = 0
+    """Worker products checked (Freivalds) before use."""
+    verify_flops: int = 0
+    """The checks' enclave work: two matrix-vector products and two row norms per call, and the check
+    vectors' weight products at each refill."""
+    integrity_failures: int = 0
+    """Worker products refused: they were not the product of the masked input and the frozen weight."""
     """Wall time spent in ``precompute``."""
     """Mask products computed during calls because the pool had run dry."""
     precomputed_rows: int = 0
@@ -178,10 +196,12 @@ class OffloadStats:
     rows_used: int = 0
 
     def summary(self) -> dict:
-        """The counters plus the enclave's shares: online only, and counting the mask products."""
+        """The counters plus the enclave's shares: online only (with the integrity checks), and counting the
+        mask products."""
         out = asdict(self)
-        enclave = self.online_flops + self.precompute_flops + self.on_demand_flops
-        out["online_share"] = self.online_flops / max(1, self.online_flops + self.on_demand_flops + self.worker_flops)
+        online = self.online_flops + self.verify_flops
+        enclave = online + self.precompute_flops + self.on_demand_flops
+        out["online_share"] = online / max(1, online + self.on_demand_flops + self.worker_flops)
         out["enclave_share_with_precompute"] = enclave / max(1, enclave + self.worker_flops)
         return out
 
@@ -312,6 +332,7 @@ class MaskPool:
         self._handed: dict[tuple[str, str], int] = {}
         self._lock = threading.Lock()
         self._warned_dry = False
+        self._checks: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.stats = OffloadStats()
 
     # ---- layers ----
@@ -345,6 +366,23 @@ class MaskPool:
         self._generated[key] += rows
         return (first, mask, product), 2 * rows * layer.d_in * layer.d_out
 
+    # ---- integrity: Freivalds' check of the worker's products ----
+    def check_vector(self, name: str, direction: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v, u): a secret random vector over the product's columns and the weight applied to it (``u = W^T v``
+        forward, ``W v`` backward), so ``product @ v`` must equal ``masked @ u``. Drawn from the CSPRNG when
+        first needed and again at every ``precompute`` of the layer, so a worker cannot learn it."""
+        key = (name, direction)
+        with self._lock:
+            if key not in self._checks:
+                self._checks[key] = self._new_check(name, direction)
+            return self._checks[key]
+
+    def _new_check(self, name: str, direction: str, w: torch.Tensor | None = None):
+        layer = self._layers[name]
+        w = layer.linear_weight(self.dtype) if w is None else w
+        v = self._normal(1, layer.d_out if direction == "fwd" else layer.d_in, w.device)[0]
+        return v, (v @ w if direction == "fwd" else w @ v)
+
     def available(self, name: str, direction: str) -> int:
         return sum(m.shape[0] for _, m, _ in self._queues[(name, direction)])
 
@@ -362,6 +400,9 @@ class MaskPool:
                         continue
                     w = self._layers[name].linear_weight(self.dtype) if w is None else w
                     chunk, flops = self._generate(key, need, w)
+                    if self.settings.verify:  # a fresh secret check vector with every refill
+                        self._checks[key] = self._new_check(name, direction, w)
+                        self.stats.verify_flops += 2 * self._layers[name].d_in * self._layers[name].d_out
                     self._queues[key].append(chunk)
                     spent += flops
                     self.stats.precomputed_rows += need
@@ -445,8 +486,11 @@ class OffloadedLinear:
         start = time.perf_counter()
         product = send(self.name, masked)
         self.pool.stats.worker_seconds += time.perf_counter() - start
-        out = pair.unmask(product, scale, t.dtype)
         st = self.pool.stats
+        if self.pool.settings.verify:
+            self._verify(masked, product, direction)
+            st.verify_flops += 4 * n * (d_from + d_to)  # two matrix-vector products and two row norms
+        out = pair.unmask(product, scale, t.dtype)
         st.worker_flops += 2 * n * d_from * d_to
         st.online_flops += flops + 2 * n * d_from + 2 * n * d_to  # choose scale; c*r, +; c*(rW), -
         if direction == "fwd":
@@ -455,6 +499,26 @@ class OffloadedLinear:
         else:
             st.backward_calls += 1
         return out.reshape(*lead, d_to)
+
+    def _verify(self, masked: torch.Tensor, product: torch.Tensor, direction: str) -> None:
+        """Freivalds: refuse a product whose rows do not satisfy ``product @ v == masked @ u`` to within the
+        rounding of the offload dtype (``WorkerError``; counted). Any error of an entry ``e`` moves its row's
+        left side by ``e * v_j``, with ``v`` secret and Gaussian: an error above the tolerance (about
+        1e-11 of the row's norm in fp64, 1e-3 in fp32) is caught with probability close to 1."""
+        st = self.pool.stats
+        if product.shape[0] != masked.shape[0] or product.dtype != masked.dtype:
+            return  # unmask refuses it with the shapes and dtypes
+        v, u = self.pool.check_vector(self.name, direction)
+        lhs, rhs = product @ v, masked @ u
+        eps = torch.finfo(product.dtype).eps
+        tol = 64 * eps * math.sqrt(masked.shape[1]) * (torch.linalg.vector_norm(product, dim=1) * float(v.norm())
+                                                       + torch.linalg.vector_norm(masked, dim=1) * float(u.norm()))
+        st.verified_calls += 1
+        bad = ~((lhs - rhs).abs() <= tol)  # NaN fails too
+        if bool(bad.any()):
+            st.integrity_failures += 1
+            raise WorkerError(f"worker's product for {self.name!r} ({direction}) fails the integrity check "
+                              f"(Freivalds) in {int(bad.sum())} of {bad.numel()} rows: refused before use")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x W^T`` (no bias) for x of shape (..., d_in), computed masked by the worker."""

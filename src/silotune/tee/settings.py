@@ -29,6 +29,7 @@ class TeeSettings:
     mask_scale: float = 1e6  # mask standard deviation relative to the masked tensor's RMS (or the reference)
     offload_dtype: str = "fp64"  # the worker's arithmetic: fp64 keeps masked results exact to float32
     scale_mode: str = "rms"  # rms | fixed
+    verify: bool = True  # check every product the worker returns (Freivalds) before it is used
     release_trunk: bool = True  # the enclave hands its trained trunk adapters out at the end (the report's file)
     timeout: float = 600.0  # seconds one request to the enclave may take before it counts as dead
 
@@ -37,7 +38,8 @@ class TeeSettings:
         return self.mode != "none"
 
     def masks(self) -> MaskSettings:
-        return MaskSettings(mask_scale=self.mask_scale, offload_dtype=self.offload_dtype, scale_mode=self.scale_mode)
+        return MaskSettings(mask_scale=self.mask_scale, offload_dtype=self.offload_dtype, scale_mode=self.scale_mode,
+                            verify=self.verify)
 
     def validate(self, bad) -> None:
         """Report the first invalid key through ``bad(key, why)`` (config.validate's reporter)."""
