@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -94,9 +95,15 @@ def test_killed_client_is_dropped_and_rejoins(deployment, tmp_path):
     assert (tmp_path / "net/server/trunk.safetensors").is_file()
 
 
-def test_killed_server_resumes_from_checkpoint(deployment, tmp_path):
+@pytest.mark.parametrize("tee", [False, True], ids=["plain", "tee"])
+def test_killed_server_resumes_from_checkpoint(deployment, tmp_path, tee):
+    """SIGKILL the server mid-run and start it again: it resumes from its checkpoint and every client finishes.
+    In TEE mode (the enclave keeps its trunk) the checkpoint is sealed, the new enclave opens it, and the clients
+    open new sessions with the new enclave (attested again) on their own."""
     path, port = deployment
     slow = ["--set", "train.steps=24", "--set", "deploy.client_timeout=5"]
+    if tee:
+        slow += ["--set", "tee.mode=server", "--set", "tee.worker=inprocess", "--set", "tee.release_trunk=false"]
     server = cli("server", "--config", str(path), *slow)
     try:
         wait_listening(server)
@@ -116,4 +123,6 @@ def test_killed_server_resumes_from_checkpoint(deployment, tmp_path):
         assert all("adapters in" in o for o in out)
     finally:
         server.kill()
-    assert (tmp_path / "net/server/trunk.safetensors").is_file()
+    assert (tmp_path / ("net/server/trunk.sealed" if tee else "net/server/trunk.safetensors")).is_file()
+    if tee:
+        assert b"lora" not in (tmp_path / "net/server/checkpoint.pt").read_bytes()  # sealed: no tensor names either
