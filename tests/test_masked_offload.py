@@ -390,7 +390,12 @@ def test_tiny_llama_with_lora_equals_plain_model_and_step(tiny_dirs, order):
         assert p.grad.abs().max() > 0, name
         assert torch.allclose(params_m[name].grad, p.grad, atol=TOL, rtol=0), name
     st = pool.stats
-    assert st.on_demand_rows == 0 and st.forward_calls == len(names)
+    # q, k, v (and gate, up) read one input: one masked forward call for each group, none per member
+    forwards = [r.name for r in worker.received(("forward",))]
+    assert st.on_demand_rows == 0 and st.forward_calls == len(forwards) == n_blocks * 4  # qkv, o, gate+up, down
+    assert sum(n.endswith("self_attn.q_proj+k_proj+v_proj") for n in forwards) == n_blocks
+    assert sum(n.endswith("mlp.gate_proj+up_proj") for n in forwards) == n_blocks
+    assert not any(n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")) for n in forwards if "+" not in n)
     assert st.backward_calls == len(worker.received(("backward",))) > 0
     # the counters: the worker's products, and the enclave's elementwise online work per call
     d_out = {r.name: r.tensor.shape[0] for r in worker.received(("load",))}
@@ -419,13 +424,21 @@ def test_tiny_llama_with_lora_equals_plain_model_and_step(tiny_dirs, order):
 def test_worker_view_of_a_training_step(tiny_dirs):
     """What the worker received in a whole step: one product per offloaded call (the unmasking
     is never asked of it), every input at chance correlation with the true one, and every mask
-    (received - true) fresh: q, k and v share their input yet get independent masks."""
+    (received - true) fresh; q, k and v (and gate, up) share their input, which the worker gets once,
+    masked once."""
     worker, pool = InProcessWorker(record=True), MaskPool(MaskSettings(seed=5))
     stage, names = lora_stage(tiny_dirs["llama"], worker, pool)
     true_in = []
+
+    def seen_forward(mod, args):
+        fused = mod.offload.fused
+        if fused is not None and any(e[1] == fused.name and e[2] is args[0] for e in true_in):
+            return  # the group's call already carried this input
+        true_in.append(("forward", fused.name if fused is not None else mod.offload.name, args[0]))
+
     for m in stage.modules():
         if isinstance(m, MaskedLinear):
-            m.register_forward_pre_hook(lambda mod, args: true_in.append(("forward", mod.offload.name, args[0])))
+            m.register_forward_pre_hook(seen_forward)
             m.register_full_backward_hook(
                 lambda mod, gin, gout: true_in.append(("backward", mod.offload.name, gout[0])))
     b = tiny_batch(stage.config.vocab_size, seed=1)
@@ -433,7 +446,7 @@ def test_worker_view_of_a_training_step(tiny_dirs):
     loss.backward()
     view = worker.received(("forward", "backward"))
     assert len(view) == len(true_in) == pool.stats.masks_used  # one worker product per call, nothing else
-    assert sum(r.op == "forward" for r in view) == len(names)
+    assert sum(r.op == "forward" for r in view) == len(names) // LINEARS_PER_BLOCK * 4  # qkv, o, gate+up, down
     by_call = {}
     for (op, name, t), r in zip(sorted(true_in, key=lambda e: (e[0], e[1])), sorted(view, key=lambda r: (r.op, r.name))):
         assert (op, name) == (r.op, r.name)
@@ -574,3 +587,29 @@ def test_shared_region_holds_only_masked_inputs_and_products():
         assert not torch.isclose(region, x.double().flatten()).any()
     finally:
         worker.close()
+
+
+def test_layers_that_share_an_input_are_masked_once_and_fall_back_when_they_do_not():
+    """q, k and v of one parent read one input: one masked worker call for the three, each output exact;
+    given different inputs (or the input changed in place in between) each gets a call of its own, still exact."""
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(48, 40), nn.Linear(48, 16), nn.Linear(48, 16)
+            self.requires_grad_(False)
+
+    plain, attn = Attn(), Attn()
+    worker, pool = InProcessWorker(record=True), MaskPool(MaskSettings(seed=2))
+    assert offload_linears(attn, worker, pool) == ["q_proj", "k_proj", "v_proj"]
+    assert pool.names() == ["q_proj", "k_proj", "v_proj"]  # the fused group is not a layer
+    x = torch.randn(2, 5, 48)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert rel(getattr(attn, name)(x), getattr(plain, name)(x)) < TOL
+    assert [r.name for r in worker.received(("forward",))] == ["q_proj+k_proj+v_proj"]
+    worker.clear_received()
+    y = torch.randn(2, 5, 48)
+    assert rel(attn.q_proj(x), plain.q_proj(x)) < TOL and rel(attn.k_proj(y), plain.k_proj(y)) < TOL
+    x.mul_(2)  # changed in place: the waiting output of v is stale
+    assert rel(attn.v_proj(x), plain.v_proj(x)) < TOL
+    assert len(worker.received(("forward",))) == 3

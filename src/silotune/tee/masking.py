@@ -32,10 +32,11 @@ avoided as follows:
   ``scale_mode='rms'`` the binade of each call's input RMS (the mask scale is
   ``2^ceil(log2(mask_scale * rms(input)))``, which the worker can read off the RMS of what it
   receives; ``scale_mode='fixed'`` removes that leak at the price of a fixed reference scale);
-  and inputs sent more than once under independent masks (q, k and v projections share their
-  input, so averaging the three received tensors raises the SNR three-fold; recomputation would
-  add more copies). Nothing checks the *integrity* of the worker's answers (Slalom's Freivalds
-  check is not implemented): a malicious worker can corrupt results, not read inputs.
+  and an input sent more than once under independent masks (averaging the received tensors would
+  raise the SNR). Layers that share an input (q, k and v; gate and up) are therefore offloaded as
+  one call against their stacked weights (``FusedForward``: the input is masked once); a hook that
+  hands members different inputs, or a recomputation, falls back to one call per copy. The
+  *integrity* of the worker's answers is checked (see Integrity below).
 
 Precision. ``(x + r) W^T - r W^T`` loses about ``eps(dtype) * |r| / |x|`` relative accuracy, so the
 mask scale trades hiding against precision. The worker's arithmetic dtype is
@@ -333,20 +334,32 @@ class MaskPool:
         self._lock = threading.Lock()
         self._warned_dry = False
         self._checks: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._groups: set[str] = set()
         self.stats = OffloadStats()
 
     # ---- layers ----
-    def register(self, name: str, weight: torch.Tensor, transposed: bool = False) -> None:
-        """Name a layer; ``weight`` is (d_out, d_in), or (d_in, d_out) with ``transposed`` (Conv1D)."""
+    def register(self, name: str, weight: torch.Tensor, transposed: bool = False, directions=DIRECTIONS,
+                 group: bool = False) -> None:
+        """Name a layer; ``weight`` is (d_out, d_in), or (d_in, d_out) with ``transposed`` (Conv1D); masks are
+        kept for ``directions``. ``group``: the fused forward of layers that share an input (not a layer)."""
         if name in self._layers:
             raise ConfigError(f"mask pool: layer {name!r} registered twice")
         self._layers[name] = _Layer(weight, transposed)
-        for d in DIRECTIONS:
+        if group:
+            self._groups.add(name)
+        for d in directions:
             self._queues[(name, d)] = deque()
             self._generated[(name, d)] = self._handed[(name, d)] = 0
 
+    def forget(self, name: str, direction: str) -> None:
+        """Keep no more masks for ``name`` in ``direction`` (a fused group masks its forward input)."""
+        with self._lock:
+            for table in (self._queues, self._generated, self._handed, self._checks):
+                table.pop((name, direction), None)
+
     def names(self) -> list[str]:
-        return list(self._layers)
+        """The offloaded layers (fused groups are not layers)."""
+        return [n for n in self._layers if n not in self._groups]
 
     # ---- generation ----
     def _normal(self, rows: int, cols: int, device) -> torch.Tensor:
@@ -395,6 +408,8 @@ class MaskPool:
                 w = None
                 for direction in directions:
                     key = (name, direction)
+                    if key not in self._queues:
+                        continue
                     need = rows - self.available(name, direction)
                     if need <= 0:
                         continue
@@ -471,6 +486,7 @@ class OffloadedLinear:
     def __init__(self, name: str, d_in: int, d_out: int, worker: Worker, pool: MaskPool, has_bias: bool = False):
         self.name, self.d_in, self.d_out = name, d_in, d_out
         self.worker, self.pool, self.has_bias = worker, pool, has_bias
+        self.fused: FusedForward | None = None  # set when this layer shares its input with others
 
     def __deepcopy__(self, memo):  # a copied module shares the worker and pool (same frozen weights)
         return self
@@ -522,11 +538,80 @@ class OffloadedLinear:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x W^T`` (no bias) for x of shape (..., d_in), computed masked by the worker."""
+        if self.fused is not None:
+            return self.fused.forward_for(self, x)
         return self._run(x, "fwd", self.d_in, self.d_out)
 
     def backward(self, g: torch.Tensor) -> torch.Tensor:
         """``g W`` for g of shape (..., d_out), computed masked by the worker."""
         return self._run(g, "bwd", self.d_out, self.d_in)
+
+
+class FusedForward:
+    """Layers that read the same input (a block's q, k and v projections; gate and up): their forward
+    products in one masked call, against their weights stacked, so the worker sees that input masked
+    once, not once per layer under independent masks (averaging those would raise its signal-to-noise
+    ratio). The first member called with an input runs the call and keeps the other members' outputs
+    for that very input (the same memory, shape and strides, unchanged since: an alias such as a hook's
+    counts), holding the input until every member has had its output; each output is handed out once.
+    Backward stays per layer: the gradients differ."""
+
+    def __init__(self, name: str, members: list[OffloadedLinear], worker: Worker, pool: MaskPool):
+        self.name, self.members = name, members
+        self.core = OffloadedLinear(name, members[0].d_in, sum(m.d_out for m in members), worker, pool)
+        self._input: tuple | None = None  # (the input, held while outputs wait; what identifies it)
+        self._outputs: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        return (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype, x._version)
+
+    def forward_for(self, member: OffloadedLinear, x: torch.Tensor) -> torch.Tensor:
+        if self._input is None or self._input[1] != self._key(x) or member.name not in self._outputs:
+            out = self.core._run(x, "fwd", self.core.d_in, self.core.d_out)
+            parts = out.split([m.d_out for m in self.members], dim=-1)
+            self._outputs = {m.name: p for m, p in zip(self.members, parts)}
+            self._input = (x, self._key(x))  # held: its memory cannot be reused while outputs wait
+        out = self._outputs.pop(member.name)
+        if not self._outputs:
+            self._input = None
+        return out
+
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # layers of one parent that share an input
+
+
+def fuse_shared_inputs(modules: dict[str, nn.Module], worker: Worker, pool: MaskPool) -> list[str]:
+    """Group offloaded layers that share an input (``FUSED``, under one parent; a peft ``base_layer`` counts
+    as its wrapper) into ``FusedForward``s: their stacked weight goes to the worker and the pool once more,
+    forward only. Returns the groups' names."""
+    by_parent: dict[tuple[str, str], nn.Module] = {}
+    for key, module in modules.items():
+        logical = key.removesuffix(".base_layer")
+        parent, _, leaf = logical.rpartition(".")
+        by_parent[(parent, leaf)] = module
+    groups = []
+    for parent in sorted({p for p, _ in by_parent}):
+        for leaves in FUSED:
+            members = [by_parent.get((parent, leaf)) for leaf in leaves]
+            if any(m is None for m in members) or len({m.offload.d_in for m in members}) != 1:
+                continue
+            name = ".".join(p for p in (parent, "+".join(leaves)) if p)
+            handles = [m.offload for m in members]
+            stacked = torch.cat([_linear_weight(m) for m in members])
+            worker.load(name, stacked.to(pool.dtype).contiguous())
+            pool.register(name, stacked, directions=("fwd",), group=True)
+            fused = FusedForward(name, handles, worker, pool)
+            for h in handles:
+                h.fused = fused
+                pool.forget(h.name, "fwd")
+            groups.append(name)
+    return groups
+
+
+def _linear_weight(module) -> torch.Tensor:
+    w = module.weight.detach()
+    return w.t() if isinstance(module, Conv1D) else w
 
 
 class _OffloadFn(torch.autograd.Function):
@@ -618,17 +703,19 @@ def _scopes(model: nn.Module, include_lm_head: bool) -> list[str]:
     return [""]
 
 
-def offload_linears(model: nn.Module, worker: Worker, pool: MaskPool, include_lm_head: bool = False) -> list[str]:
+def offload_linears(model: nn.Module, worker: Worker, pool: MaskPool, include_lm_head: bool = False,
+                    fuse: bool = True) -> list[str]:
     """Offload, in place, every Linear / Conv1D with a frozen weight and bias in the transformer
     blocks of ``model`` (a ``Stage``, a Hugging Face causal LM, or any module: all its frozen
     Linears) to ``worker``, masked with masks from ``pool``; with ``include_lm_head`` the LM head
     too. The embedding is never offloaded. LoRA layers (``lora_*``) and trainable Linears stay in
     the enclave; hooks and extra parameters on an offloaded layer (SPF's delta) stay too, and run
-    in the enclave. Returns the layers' names (a stage's names are those of the full model, so one
-    worker can serve several stages)."""
+    in the enclave. With ``fuse`` layers that share an input are masked once together
+    (``fuse_shared_inputs``). Returns the layers' names (a stage's names are those of the full model, so
+    one worker can serve several stages)."""
     from ..models.partition import Stage
 
-    names = []
+    names, modules = [], {}
     for scope_path in _scopes(model, include_lm_head):
         scope = model.get_submodule(scope_path) if scope_path else model
         if scope is None:
@@ -642,8 +729,12 @@ def offload_linears(model: nn.Module, worker: Worker, pool: MaskPool, include_lm
             key = model.full_name(path) if isinstance(model, Stage) else path
             offload_linear(module, key, worker, pool)
             names.append(key)
+            modules[key] = module
+    if fuse:
+        fuse_shared_inputs(modules, worker, pool)
     return names
 
 
 __all__ = ["MaskSettings", "MaskPool", "MaskPair", "MaskReuseError", "OffloadStats", "OffloadedLinear",
-           "MaskedLinear", "MaskedConv1D", "offload_linear", "offload_linears", "DTYPES"]
+           "MaskedLinear", "MaskedConv1D", "offload_linear", "offload_linears", "fuse_shared_inputs",
+           "FusedForward", "DTYPES"]
