@@ -97,3 +97,24 @@ def test_gguf_file_exports_once_to_safetensors(tmp_path, monkeypatch, smollm2_di
     head = load_stage(out, "head", 1, 1)
     ref = load_stage(smollm2_dir, "head", 1, 1)
     assert torch.equal(head.embed.weight, ref.embed.weight)
+
+
+def test_non_persistent_buffers_are_computed_not_left_as_empty_memory(tiny_dirs, monkeypatch):
+    """A buffer the weight files do not hold (non-persistent: an embedding scale, say) must have the value the
+    model's own ``__init__`` gives it in every stage, not whatever memory it was allocated on (the defect seen:
+    losses doubled, logits off by 64). Probed with a non-persistent buffer added to every RMSNorm."""
+    from transformers.models.llama import modeling_llama
+
+    init = modeling_llama.LlamaRMSNorm.__init__
+
+    def with_probe(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.register_buffer("probe", torch.arange(1.0, 257.0), persistent=False)
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "__init__", with_probe)
+    for part in ("head", "trunk", "tail"):
+        stage = load_stage(tiny_dirs["llama"], part, 1, 1)
+        probes = [b for name, b in stage.named_buffers() if name.endswith("probe")]
+        assert probes, part
+        for b in probes:
+            assert torch.equal(b, torch.arange(1.0, 257.0)), part

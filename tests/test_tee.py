@@ -225,6 +225,22 @@ def test_the_host_relays_only_ciphertext_and_refuses_tensors_in_the_clear(tiny_c
         assert {m.of for m in seen if isinstance(m, EnclaveMessage)} == {"hello", "forward", "gradients", "update"}
         assert any(isinstance(m, EnclaveMessage) and m.of == "aggregate" for m in answers)
         assert "sealed_aggregator" in server.state_dict()  # the host checkpoints the averages sealed
+
+        class Restarted:  # the transport reconnected mid-call to a restarted server, whose enclave knows no session
+            def __init__(self, inner):
+                self.inner, self.stats, self.epoch, self.hit = inner, inner.stats, inner.epoch, False
+
+            def call(self, msg):
+                if not self.hit and isinstance(msg, Control) and msg.command == "fetch_aggregate":
+                    self.hit, self.epoch = True, self.epoch + 1
+                    raise ProtocolError("server rejected control from client 1: client 1: no enclave session: "
+                                        "handshake first")
+                return self.inner.call(msg)
+
+        hellos = sum(isinstance(m, EnclaveMessage) and m.of == "hello" for m in seen)
+        clients[1].transport.inner = Restarted(clients[1].transport.inner)
+        assert clients[1].pull_aggregate(0)  # a new session with the enclave, then the call again
+        assert sum(isinstance(m, EnclaveMessage) and m.of == "hello" for m in seen) == hellos + 1
         with pytest.raises(ProtocolError, match="in the clear"):
             handle(ForwardActivations(0, 99, hidden=h1, lengths=lengths))
         with pytest.raises(ProtocolError, match="in the clear"):

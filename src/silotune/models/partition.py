@@ -197,10 +197,15 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def build_stage(config, part: str, a: int = 1, c: int = 1) -> Stage:
-    """The stage skeleton on the meta device: no memory is allocated for weights."""
+    """The stage skeleton: its parameters on the meta device (no memory for weights), its buffers real, as
+    the model's own ``__init__`` computed them (accelerate's ``init_empty_weights(include_buffers=False)``):
+    non-persistent buffers (rotary frequencies, an embedding scale, ...) are not in the weight files, so
+    they must never be left uninitialised."""
+    from accelerate import init_empty_weights
+
     spec = arch_for(config)
     start, stop, with_embed, with_head = part_range(config, part, a, c)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         skeleton = AutoModelForCausalLM.from_config(config)
     return Stage(config, spec, skeleton, start, stop, with_embed, with_head)
 
@@ -211,8 +216,7 @@ def load_stage(model_dir: str | Path, part: str, a: int = 1, c: int = 1,
     (None: the CPU) and ``dtype``. The rotary inverse frequencies stay float32, as in HF models."""
     model_dir = Path(model_dir)
     config = load_config(model_dir)
-    stage = build_stage(config, part, a, c)
-    stage.to_empty(device="cpu")
+    stage = build_stage(config, part, a, c)  # parameters on meta: each is replaced by the tensor read below
     wanted = {stage.full_name(k): k for k in stage.state_dict()}
     tied_head = getattr(config, "tie_word_embeddings", False) and stage.lm_head is not None
     state: dict[str, torch.Tensor] = {}
@@ -225,7 +229,7 @@ def load_stage(model_dir: str | Path, part: str, a: int = 1, c: int = 1,
                     state["lm_head.weight"] = f.get_tensor(key)
     if tied_head and stage.embed is not None:
         state.setdefault("lm_head.weight", state.get("embed.weight"))
-    missing = [k for k in stage.state_dict() if k not in state and not k.startswith("rotary.")]
+    missing = [k for k, v in stage.state_dict().items() if k not in state and v.is_meta]
     if missing:
         raise ModelError(f"{model_dir}: weights missing for {part}: {', '.join(missing[:5])}")
     stage.load_state_dict(state, strict=False, assign=True)  # take the tensors read, no second copy

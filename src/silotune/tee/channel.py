@@ -49,6 +49,7 @@ from ..protocol.messages import (
 HELLO = struct.Struct(">QQ32s16s64s")  # client id, time (ms), ephemeral key, nonce, signature
 WELCOME = struct.Struct(">16s32s16s")  # session id, ephemeral key, nonce; the quote follows
 ANSWER = {"forward": "returned", "gradients": "gradients"}  # what the enclave answers each sealed kind with
+NO_SESSION = "no enclave session"  # the enclave's refusal when a client has no session (e.g. it restarted)
 INNER = {"forward": ForwardActivations, "returned": ReturnedActivations, "gradients": Gradients,
          "update": Aggregation, "aggregate": Aggregation}
 
@@ -136,8 +137,20 @@ class SealedTransport:
         return answer
 
     def call(self, msg: Message) -> Message:
-        if self.session is None or self.inner.epoch != self._epoch:  # first call, or the server restarted
-            self.connect()
+        """Send ``msg`` (sealed if it carries the client's tensors); if the transport reconnected during the call
+        and the server's new enclave knows no session of ours, open one and send it again (once)."""
+        for attempt in (0, 1):
+            if self.session is None or self.inner.epoch != self._epoch:  # first call, or the server restarted
+                self.connect()
+            epoch = self.inner.epoch
+            try:
+                return self._call(msg)
+            except ProtocolError as exc:
+                if attempt or self.inner.epoch == epoch or NO_SESSION not in str(exc):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _call(self, msg: Message) -> Message:
         if isinstance(msg, Aggregation):  # a FedAvg update: sealed to the enclave, which averages
             envelope = self.session.seal(encode(msg, self.wire_dtype), msg.step, b"update")
             return self.inner.call(EnclaveMessage(msg.client, msg.step, of="update", data=as_tensor(envelope),
@@ -199,7 +212,7 @@ class EnclaveSessions:
         with self._lock:
             session = self.sessions.get(sealed.client)
         if session is None:
-            raise self.boundary.refuse("no_session", where, "no enclave session: handshake with the enclave first")
+            raise self.boundary.refuse("no_session", where, f"{NO_SESSION}: handshake with the enclave first")
         try:
             plaintext, step = session.open(sealed.data, sealed.of.encode())
         except CryptoError as exc:
@@ -233,7 +246,7 @@ class EnclaveSessions:
         with self._lock:
             session = self.sessions.get(client)
         if session is None:
-            raise self.boundary.refuse("no_session", f"client {client}", "no enclave session: handshake first")
+            raise self.boundary.refuse("no_session", f"client {client}", f"{NO_SESSION}: handshake first")
         context = b"aggregate" if isinstance(reply, Aggregation) else reply.kind.encode()
         return session.seal(encode(reply, self.wire_dtype), reply.step, context)
 
