@@ -83,10 +83,15 @@ def test_lora_split_equals_unsplit(tiny_dirs, arch, a, c):
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(spec.lora_targets),
                                        fan_in_fan_out=spec.fan_in_fan_out), ref)
     ref_params = {n: p for n, p in ref.named_parameters() if "lora_" in n}
+    compare_to_reference(b, loss, logits, split_params, ref, ref_params)
+
+
+def compare_to_reference(b, loss, logits, split_params, ref, ref_params):
+    """Give the unsplit ``ref`` the split run's trainable values, run it on the same batch, and ``compare``."""
     with torch.no_grad():
         for name, p in ref_params.items():
             p.copy_(split_params[name])
-    mask = (torch.arange(9)[None] < b["lengths"][:, None]).long()
+    mask = (torch.arange(b["input_ids"].shape[1])[None] < b["lengths"][:, None]).long()
     ref_logits = ref(input_ids=b["input_ids"], attention_mask=mask).logits
     compare(b, loss, logits, split_params, ref_logits, ref_params)
 

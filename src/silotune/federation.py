@@ -167,17 +167,17 @@ def build_parties(model_dir: Path, split: SplitSettings, adapters: AdapterSettin
                           limits=limits, aggregation=aggregation, federation=federation, compute=compute,
                           replicas=replicas, tee=tee, enrolled={i: k.public for i, k in identities.items()},
                           wire_dtype=wire_dtype)
-    plain = connect or (lambda s: InProcessTransport(s, wire_dtype))
+    connect = connect or (lambda s: InProcessTransport(s, wire_dtype))
 
-    def connect(s, i):
+    def transport_for(i):
         if not identities:
-            return plain(s)
-        return SealedTransport(plain(s), i, identities[i], s.runtime.attestation, wire_dtype)
+            return connect(server)
+        return SealedTransport(connect(server), i, identities[i], server.runtime.attestation, wire_dtype)
 
     head, tail = build_client_parts(model_dir, split, adapters, seed, compute)
     members = server.schedule.members
     clients = []
     for i in members:
         h, t = (head, tail) if i == members[-1] else (copy.deepcopy(head), copy.deepcopy(tail))
-        clients.append(SplitClient(i, h, t, connect(server, i), optim, privacy=privacy, seed=seed, compute=compute))
+        clients.append(SplitClient(i, h, t, transport_for(i), optim, privacy=privacy, seed=seed, compute=compute))
     return server, clients

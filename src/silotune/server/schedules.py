@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -45,7 +46,7 @@ def _aborted(client: int, step: int) -> StepAborted:
                        "or the server restarted): redo the step")
 
 
-class Schedule:
+class Schedule(ABC):
     """The rotation and its timeouts, shared by every schedule; subclasses order the steps."""
 
     def __init__(self, clients: int | list[int], runtime: TrunkRuntime, timeout: float | None = None,
@@ -60,19 +61,19 @@ class Schedule:
         self.dropped: list[int] = []  # clients dropped for silence, in order (a client may appear again)
 
     # ---- the steps: subclasses ----
-    def forward(self, part: Part) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, part: Part) -> torch.Tensor: ...
 
+    @abstractmethod
     def grad_shape(self, client: int, step: int) -> tuple[int, ...] | None:
         """The shape of the ``dL/dh2`` ``client`` owes for ``step``; None if no such step is pending."""
-        raise NotImplementedError
 
-    def backward(self, client: int, step: int, grad: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def backward(self, client: int, step: int, grad: torch.Tensor) -> torch.Tensor: ...
 
+    @abstractmethod
     def _forget(self, client: int) -> None:
         """Drop ``client``'s pending step (called under ``cond``)."""
-        raise NotImplementedError
 
     # ---- the rotation ----
     def _admit(self, client: int) -> None:

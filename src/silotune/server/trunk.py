@@ -94,16 +94,10 @@ class TrunkServer:
             h2 = self.schedule.forward(Part(msg.client, msg.step, msg.hidden, msg.lengths))
             return ReturnedActivations(msg.client, msg.step, hidden=h2)
         if isinstance(msg, Gradients):
-            shape = self.schedule.grad_shape(msg.client, msg.step)
-            try:
-                if shape is None:
-                    raise StepAborted(f"client {msg.client} step {msg.step}: no forward pass pending for this step "
-                                      "(it was dropped, or the server restarted): redo the step")
+            def check(shape):
                 self.boundary.gradient(msg.client, msg.step, msg.grad, shape)
-                return Gradients(msg.client, msg.step, grad=self.schedule.backward(msg.client, msg.step, msg.grad))
-            except StepAborted:
-                self.boundary.count("aborted")
-                raise
+
+            return Gradients(msg.client, msg.step, grad=self._backward(msg, msg.grad, check))
         if isinstance(msg, Control) and msg.command == "join":  # schedule calls stay outside the server lock
             self.schedule.rejoin(msg.client)
         if isinstance(msg, Control) and msg.command == "bye":
@@ -129,16 +123,24 @@ class TrunkServer:
             part = Part(msg.client, msg.step, sealed, None)
             out = self.schedule.forward(part) if msg.train else self.runtime.infer(sealed, None)
             return EnclaveMessage(msg.client, msg.step, of="returned", data=_u8(out), rows=msg.rows, tokens=msg.tokens)
+        def check(shape):
+            if (msg.rows, msg.tokens) != tuple(shape[:2]):
+                raise self.boundary.refuse("shape", f"client {msg.client} step {msg.step}",
+                                           f"sealed gradient declared ({msg.rows}, {msg.tokens}, ...), expected {shape}")
+
+        out = self._backward(msg, sealed, check)
+        return EnclaveMessage(msg.client, msg.step, of="gradients", data=_u8(out), rows=msg.rows, tokens=msg.tokens)
+
+    def _backward(self, msg: Message, grad, check):
+        """``msg``'s step's backward with ``grad`` (a tensor, or sealed to the enclave), once ``check(shape)``
+        accepts it against the ``dL/dh2`` shape the step owes; StepAborted (counted) if no step is pending."""
         shape = self.schedule.grad_shape(msg.client, msg.step)
         try:
             if shape is None:
                 raise StepAborted(f"client {msg.client} step {msg.step}: no forward pass pending for this step "
                                   "(it was dropped, or the server restarted): redo the step")
-            if (msg.rows, msg.tokens) != tuple(shape[:2]):
-                raise self.boundary.refuse("shape", f"client {msg.client} step {msg.step}",
-                                           f"sealed gradient declared ({msg.rows}, {msg.tokens}, ...), expected {shape}")
-            out = self.schedule.backward(msg.client, msg.step, sealed)
-            return EnclaveMessage(msg.client, msg.step, of="gradients", data=_u8(out), rows=msg.rows, tokens=msg.tokens)
+            check(shape)
+            return self.schedule.backward(msg.client, msg.step, grad)
         except StepAborted:
             self.boundary.count("aborted")
             raise

@@ -123,7 +123,7 @@ class _Enclave:
         self.ids = itertools.count()
         self.refill = 0  # rows of masks to precompute once the current request is answered
 
-    def _open(self, h1, lengths, client: int, step: int, shape=None):
+    def _open(self, h1, lengths, shape=None):
         """(tensor, lengths) of a part: opened and checked if sealed."""
         from ..protocol.messages import SealedTensor
 
@@ -150,7 +150,7 @@ class _Enclave:
         opened, refused = [], {}
         for i, (client, step, h1, lengths) in enumerate(parts):
             try:
-                opened.append((i, Part(client, step, *self._open(h1, lengths, client, step))))
+                opened.append((i, Part(client, step, *self._open(h1, lengths))))
             except ProtocolError as exc:
                 refused[i] = _refusal(exc)
         pass_ = self.runtime.forward([p for _, p in opened]) if opened else None
@@ -176,9 +176,8 @@ class _Enclave:
         pass_, index, parts = entry
         out, opened = {}, {}
         for i, g in grads.items():
-            client, step = parts[i][:2]
             try:
-                opened[index[i]] = self._open(g, None, client, step, pass_.shape(index[i]))[0]
+                opened[index[i]] = self._open(g, None, pass_.shape(index[i]))[0]
             except ProtocolError as exc:
                 out[i] = _refusal(exc)
         results = self.runtime.backward(pass_, opened) if opened else {}
@@ -198,17 +197,8 @@ class _Enclave:
 
         sealed = isinstance(h1, SealedTensor)
         client, step = (h1.client, h1.step) if sealed else (0, 0)
-        try:
-            hidden, lengths = self._open(h1, lengths, client, step)
-        except ProtocolError as exc:
-            return ("refused", _refusal(exc))
-        return ("ok", self._seal(sealed, client, step, self.runtime.infer(hidden, lengths), "returned"))
-
-    def hello(self, client: int, data: bytes):
-        try:
-            return ("ok", self.sessions.hello(client, data))
-        except ProtocolError as exc:
-            return ("refused", _refusal(exc))
+        hidden, lengths = self._open(h1, lengths)
+        return self._seal(sealed, client, step, self.runtime.infer(hidden, lengths), "returned")
 
     # ---- FedAvg of the clients' heads and tails, inside the enclave ----
     def _who(self, expected, participants):
@@ -216,6 +206,8 @@ class _Enclave:
         self.aggregator.participants = lambda: set(participants)
 
     def agg_submit(self, sealed, expected, participants):
+        """(status, closed or the refusal's text): not the pipe's generic refusal, since the host's handler
+        counts a refused update once, as "update", whatever refused it (as for a plain update)."""
         self._who(expected, participants)
         try:
             msg = self.sessions.open(sealed)
@@ -238,36 +230,33 @@ class _Enclave:
         """Round ``round_``'s average sealed for ``client`` (answering its message of ``step``)."""
         from ..protocol.messages import Aggregation
 
-        aggregate = self.aggregator.result(round_)
-        try:
-            return ("ok", self.sessions.seal(client, Aggregation(client, step, tensors=aggregate, round=round_)))
-        except ProtocolError as exc:
-            return ("refused", _refusal(exc))
+        return self.sessions.seal(client, Aggregation(client, step, tensors=self.aggregator.result(round_), round=round_))
+
+    # ---- state that leaves the enclave only sealed (``sealing.py``) ----
+    def _seal_state(self, state: dict) -> bytes:
+        from .sealing import seal_state
+
+        m = self.attester.measurement
+        return seal_state(state, self.backend.sealing_key(m), m)
+
+    def _open_state(self, blob: bytes) -> dict:
+        from .sealing import open_state
+
+        m = self.attester.measurement
+        return open_state(blob, self.backend.sealing_key(m), m)
 
     def agg_state(self):
-        from .sealing import seal_state
-
-        key = self.backend.sealing_key(self.attester.measurement)
-        return seal_state(self.aggregator.state_dict(), key, self.attester.measurement), self.aggregator.latest()[0]
+        return self._seal_state(self.aggregator.state_dict()), self.aggregator.latest()[0]
 
     def agg_load(self, blob: bytes):
-        from .sealing import open_state
-
-        key = self.backend.sealing_key(self.attester.measurement)
-        self.aggregator.load_state_dict(open_state(blob, key, self.attester.measurement))
+        self.aggregator.load_state_dict(self._open_state(blob))
 
     def sealed_state(self):
-        """The runtime's state sealed for this enclave (``sealing.py``), and its step count."""
-        from .sealing import seal_state
-
-        key = self.backend.sealing_key(self.attester.measurement)
-        return seal_state(self.runtime.state_dict(), key, self.attester.measurement), self.runtime.steps
+        """The runtime's state sealed for this enclave, and its step count."""
+        return self._seal_state(self.runtime.state_dict()), self.runtime.steps
 
     def load_sealed(self, blob: bytes):
-        from .sealing import open_state
-
-        key = self.backend.sealing_key(self.attester.measurement)
-        self.runtime.load_state_dict(open_state(blob, key, self.attester.measurement))
+        self.runtime.load_state_dict(self._open_state(blob))
 
     def stats(self):
         out = {"backend": self.backend.name, "hardware_protection": self.backend.hardware_protection,
@@ -294,7 +283,7 @@ def _serve(conn, spec: dict) -> None:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return
     conn.send(("ready", None))
-    ops = {"forward": enclave.forward, "backward": enclave.backward, "hello": enclave.hello,
+    ops = {"forward": enclave.forward, "backward": enclave.backward, "hello": enclave.sessions.hello,
            "infer": enclave.infer, "stats": enclave.stats,
            "view": enclave.view, "state": enclave.runtime.state_dict, "steps": lambda: enclave.runtime.steps,
            "load": enclave.runtime.load_state_dict, "sealed_state": enclave.sealed_state,
@@ -312,6 +301,8 @@ def _serve(conn, spec: dict) -> None:
                 return
             try:
                 conn.send(("ok", ops[op](*args)))
+            except ProtocolError as exc:  # a refusal (a client's message failed a check): the host counts it
+                conn.send(("refused", _refusal(exc)))
             except BaseException as exc:
                 conn.send(("error", f"{type(exc).__name__}: {exc}"))
             if enclave.refill and enclave.tee.precompute and enclave.pool is not None and op == "backward":
@@ -374,6 +365,8 @@ class EnclaveRuntime:
             raise EnclaveError(f"enclave process died during {op} (exit code {self.process.exitcode})") from None
         if status == "error":
             raise EnclaveError(f"enclave, {op}: {value}")
+        if status == "refused":
+            raise self.boundary.refuse(*value)
         return value
 
     def _call(self, op: str, *args):
@@ -393,10 +386,7 @@ class EnclaveRuntime:
 
     def infer(self, h1, lengths):
         """The trunk's output for ``h1`` without training: sealed for its client if ``h1`` is a ``SealedTensor``."""
-        status, value = self._call("infer", h1, lengths)
-        if status == "refused":
-            raise self.boundary.refuse(*value)
-        return value
+        return self._call("infer", h1, lengths)
 
     def forward(self, parts) -> RemotePass:
         dead, self._dead = self._dead, []
@@ -451,10 +441,7 @@ class EnclaveRuntime:
     def hello(self, client: int, data: bytes) -> bytes:
         """Relay a client's hello to the enclave; its welcome (the enclave's quote, and its half of the key
         exchange) comes back. The session's keys exist only inside the enclave."""
-        status, value = self._call("hello", client, data)
-        if status == "refused":
-            raise self.boundary.refuse(*value)
-        return value
+        return self._call("hello", client, data)
 
     def stats(self) -> dict:
         """The backend, the measurement, and the offload's FLOP and mask counters."""
@@ -481,10 +468,7 @@ class SealedAggregate:
         self.aggregator, self.round = aggregator, round_
 
     def seal_for(self, client: int, step: int) -> bytes:
-        status, value = self.aggregator.runtime._call("agg_seal", client, step, self.round)
-        if status == "refused":
-            raise self.aggregator.runtime.boundary.refuse(*value)
-        return value
+        return self.aggregator.runtime._call("agg_seal", client, step, self.round)
 
 
 class EnclaveAggregator:

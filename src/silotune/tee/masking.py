@@ -677,12 +677,10 @@ def offload_linear(module: nn.Linear | Conv1D, name: str, worker: Worker, pool: 
         raise ConfigError(f"offload: {name!r} is a {type(module).__name__}, not an nn.Linear or Conv1D")
     if not _frozen(module):
         raise ConfigError(f"offload: {name!r} has a trainable weight or bias; only frozen layers can be offloaded")
-    transposed = isinstance(module, Conv1D)
-    weight = module.weight.detach()
-    w_lin = weight.t() if transposed else weight
+    w_lin = _linear_weight(module)
     d_out, d_in = w_lin.shape
     worker.load(name, w_lin.to(pool.dtype).contiguous())
-    pool.register(name, module.weight, transposed)
+    pool.register(name, module.weight, isinstance(module, Conv1D))
     module.__class__ = _MASKED[type(module)]
     module.offload = OffloadedLinear(name, d_in, d_out, worker, pool, module.bias is not None)
     return module
