@@ -18,6 +18,16 @@ transformers.logging.set_verbosity_error()
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 ARCHS = ["llama", "mistral", "qwen2", "gpt2"]
+# the other families (tests/test_families.py), name: (model_type, config overrides, tied embedding); windows of 4
+# tokens so that test sequences run past them
+FAMILIES = {
+    "qwen3": ("qwen3", {}, False),
+    "qwen3-sliding": ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=2), False),
+    "phi3": ("phi3", {}, False),
+    "gemma2": ("gemma2", {}, True),
+    "gemma3_text": ("gemma3_text", {}, True),
+    "olmo2": ("olmo2", {}, False),
+}
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +35,17 @@ def tiny_dirs(tmp_path_factory):
     """{model_type: dir} of tiny random models (untied for llama-family, tied for gpt2 and qwen2)."""
     root = tmp_path_factory.mktemp("tiny")
     return {arch: save_tiny_model(root / arch, arch, seed=1, tie=arch in ("gpt2", "qwen2")) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory):
+    """{name: dir} of tiny random models of the FAMILIES."""
+    from silotune.models.arch import PHI3, register
+
+    register("phi3", PHI3)  # a test may have registered phi3 with other targets
+    root = tmp_path_factory.mktemp("families")
+    return {name: save_tiny_model(root / name, model_type, seed=1, tie=tie, **overrides)
+            for name, (model_type, overrides, tie) in FAMILIES.items()}
 
 
 @pytest.fixture(scope="session")

@@ -411,3 +411,173 @@ def test_real_xsum():
     longest = max(len(ex.prompt) for ex in data.train + data.test)
     assert longest <= 2000 + len(BUILTIN_TASKS["xsum"].template)
     assert all(ex.target.startswith(" ") and ex.label is None for ex in data.test)
+
+
+# --------------------------------------------------------------------------- user data: config keys, warnings, reports
+
+
+def data_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("silotune.data") and r.levelname == "WARNING"]
+
+
+def balanced(path: Path, n: int = 20) -> Path:
+    return jsonl(path, [{"text": f"review number {i}", "label": ["bad", "good"][i % 2]} for i in range(n)])
+
+
+def test_data_config_keys_reach_the_loader(tmp_path):
+    from silotune.config import load_config
+    from silotune.data.settings import load_configured_task
+
+    rows = [{"text": f"r{i} " + "long " * 40, "label": ["nay", "yea"][i % 2]} for i in range(20)]
+    path = jsonl(tmp_path / "qa.jsonl", rows)
+    cfg = load_config(None, [f"data.task={path}", 'data.template="Q: {text} ->"', "data.max_field_chars=40",
+                             "data.test_fraction=0.25", "data.choices=[nay, yea, maybe]"])
+    data = load_configured_task(cfg.data, cfg.train.seed)
+    assert (len(data.train), len(data.test)) == (15, 5)
+    assert data.spec.choices == [" nay", " yea", " maybe"]
+    for ex in data.train + data.test:
+        assert ex.prompt.startswith("Q: r") and ex.prompt.endswith(" ... ->")
+        assert len(ex.prompt) <= len("Q:  ->") + 40
+    whole = load_configured_task(load_config(None, [f"data.task={path}", "data.max_field_chars=null"]).data, 0)
+    assert whole.train[0].prompt.startswith("Text: ") and len(whole.train[0].prompt) > 200
+    assert len(whole.test) == 4  # the default: 20% of 20
+
+
+@pytest.mark.parametrize("override, key", [
+    ('data.template="Q: {0}"', "data.template"),
+    ('data.template="Q: {text"', "data.template"),
+    ('data.template=""', "data.template"),
+    ("data.max_field_chars=5", "data.max_field_chars"),
+    ("data.test_fraction=1.0", "data.test_fraction"),
+    ("data.test_fraction=0", "data.test_fraction"),
+    ("data.max_train=0", "data.max_train"),
+    ("data.max_test=-1", "data.max_test"),
+    ("data.max_length=8", "data.max_length"),
+    ("data.choices=[pos, ' pos']", "data.choices"),
+    ("data.partition=random", "data.partition"),
+])
+def test_bad_data_keys_are_one_config_error(override, key):
+    from silotune.config import load_config
+    from silotune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert one_line(exc).startswith(f"config: {key}: ")
+
+
+def test_unquoted_yes_no_choices_get_a_hint():
+    from silotune.config import load_config
+    from silotune.errors import ConfigError
+
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["data.choices=[no, yes]"])
+    assert one_line(exc) == ("data.choices[0]: expected a string, got False (YAML reads unquoted yes/no/on/off/"
+                             "true/false as booleans: quote it)")
+
+
+def test_clean_file_loads_without_a_warning(tmp_path, caplog):
+    balanced(tmp_path / "ok.jsonl")
+    load_task(tmp_path / "ok.jsonl", test_size=6)
+    assert data_warnings(caplog) == []
+    load_task(tmp_path / "ok.jsonl", test_size=4)  # this seed's 4 test examples are all 'bad'
+    (msg,) = data_warnings(caplog)
+    assert msg == (f"data file {tmp_path / 'ok.jsonl'}: 1 class has no test example (it is never evaluated): "
+                   "'good' (10 examples in all)")
+
+
+def test_single_example_class_is_reported(tmp_path, caplog):
+    rows = [{"text": f"t{i}", "label": ["neg", "pos"][i % 2]} for i in range(20)] + [{"text": "odd", "label": "rare"}]
+    path = jsonl(tmp_path / "skew.jsonl", rows)
+    data = load_task(path, test_size=5)
+    in_train = any(ex.target == " rare" for ex in data.train)
+    (msg,) = data_warnings(caplog)
+    where = "test" if in_train else "training"
+    assert msg.startswith(f"data file {path}: 1 class has no {where} example")
+    assert msg.endswith("'rare' (1 example in all)") and "needs 2 examples" in msg
+
+
+def test_class_trimmed_away_by_max_train_and_unused_choice_are_reported(tmp_path, caplog):
+    path = balanced(tmp_path / "b.jsonl")
+    load_task(path, test_size=6, max_train=1, choices=["bad", "good", "unsure"])
+    msgs = data_warnings(caplog)
+    assert len(msgs) == 2
+    assert msgs[0] == f"data file {path}: 1 of 3 choices has no example: 'unsure'"
+    assert msgs[1].startswith(f"data file {path}: 1 class has no training example (the model never learns it")
+    assert "(10 examples in all)" in msgs[1]
+
+
+def test_rows_cut_to_the_cap_are_counted(tmp_path, caplog):
+    rows = [{"text": "x " * 2_500_000, "label": "a"}, {"text": "word " * 500, "label": "b"}]
+    rows += [{"text": f"short {i}", "label": "ab"[i % 2]} for i in range(10)]
+    path = jsonl(tmp_path / "big.jsonl", rows)
+    data = load_task(path, test_size=2)
+    assert max(len(ex.prompt) for ex in data.train + data.test) <= 2000 + len("Text: \nLabel:")
+    (msg,) = [m for m in data_warnings(caplog) if "character cap" in m]
+    assert msg == (f"data file {path}: 2 rows had a field longer than the 2,000-character cap "
+                   "(data.max_field_chars) and were cut to it; the longest field had 5,000,000 characters")
+    caplog.clear()
+    load_task(path, test_size=2, max_chars=None)
+    assert [m for m in data_warnings(caplog) if "character cap" in m] == []
+
+
+def test_repeated_and_conflicting_rows_are_reported(tmp_path, caplog):
+    rows = [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(6)]
+    rows += [{"text": "t0", "label": "a"}, {"text": "t2", "label": "a"}, {"text": "t1", "label": "a"}]
+    path = jsonl(tmp_path / "dup.jsonl", rows)
+    data = load_task(path, test_size=2)
+    assert len(data.train) + len(data.test) == 9  # kept, but reported
+    repeats, conflicts = [m for m in data_warnings(caplog) if "an earlier row's" in m]
+    assert repeats.startswith(f"data file {path}: 2 rows repeat an earlier row's text and label (first: line 7 "
+                              "repeats line 1)")
+    assert conflicts.startswith(f"data file {path}: 1 row repeats an earlier row's text with a different label "
+                                "(first: line 9, against line 2)")
+
+
+def test_blank_csv_rows_are_reported(tmp_path, caplog):
+    path = write(tmp_path / "b.csv", "text,label\na,x\n,\nb,x\n\n , \nc,x\nd,x\n")
+    data = load_task(path, test_size=1)
+    assert len(data.train) + len(data.test) == 4
+    (msg,) = data_warnings(caplog)
+    assert msg == f"data file {path}: skipped 2 CSV rows whose fields are all blank (first: line 3)"
+
+
+def test_label_counts_name_every_class_in_choice_order(tmp_path):
+    data = load_task(balanced(tmp_path / "b.jsonl"), test_size=4, choices=["good", "bad", "meh"])
+    counts = data.label_counts()
+    assert list(counts) == ["good", "bad", "meh"] and counts["meh"] == 0
+    assert counts["good"] == sum(ex.target == " good" for ex in data.train)
+    assert data.label_counts([0]) == {name: int(data.train[0].target == f" {name}") for name in counts}
+
+
+def test_user_csv_run_reports_label_names_without_matplotlib(tiny_chat_dir, tmp_path, caplog, monkeypatch):
+    """A new user's run: a CSV with string labels, one of them rare; no matplotlib installed."""
+    import sys
+
+    from silotune.config import load_config
+    from silotune.report import pyplot
+    from silotune.simulate import run
+
+    lines = ["text,label"] + [f"review {i} was {'fine' if i % 2 else 'awful'},{'pos' if i % 2 else 'neg'}"
+                              for i in range(40)] + ["a one-off oddity,odd"]
+    path = write(tmp_path / "reviews.csv", "\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"model={tiny_chat_dir}", f"data.task={path}", f"output={out}", "federation.clients=2",
+                             "train.steps=2", "train.batch_size=4", "federation.local_steps=1", "data.max_length=48",
+                             "split.head_blocks=1", "split.tail_blocks=1", "centralized=false"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    pyplot.cache_clear()
+    try:
+        run(cfg, progress=False)
+    finally:
+        pyplot.cache_clear()
+    assert any("'odd' (1 example in all)" in m for m in data_warnings(caplog))
+    assert [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()] == [
+        "matplotlib is not installed: plots are skipped (pip install 'silotune[plot]' to draw them)"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    report = (out / "report.md").read_text()
+    for client in metrics["federated"]["clients"]:
+        assert list(client["label_counts"]) == ["neg", "odd", "pos"]
+        assert sum(client["label_counts"].values()) == client["examples"]
+        shown = ", ".join(f"{k}: {v}" for k, v in client["label_counts"].items())
+        assert f"| {client['client']} | {client['examples']} | {shown} |" in report
+    assert not (out / "loss.png").exists() and "loss.png" not in report

@@ -23,9 +23,14 @@ def wait_listening(proc, timeout=120):
     wait_for(proc, "listening", timeout)
 
 
+PROMPTS = ["The movie was", "A quiet film about"]
+
+
 def test_three_client_processes_equal_the_simulation(deployment, tmp_path):
+    """Three client processes train like the simulation; then the server, kept serving, answers a client's split
+    generation (KV caches on both sides) with the text the simulation's split model generates."""
     path, port = deployment
-    server = cli("server", "--config", str(path))
+    server = cli("server", "--config", str(path), "--keep-serving")
     try:
         wait_listening(server)
         clients = [cli("client", "--config", str(path), "--id", str(k), "--server", f"localhost:{port}")
@@ -33,12 +38,25 @@ def test_three_client_processes_equal_the_simulation(deployment, tmp_path):
         for c in clients:
             out, _ = c.communicate(timeout=300)
             assert c.returncode == 0, out
+        wait_for(server, "serving generation")
+        gen = cli("generate", "--config", str(path), "--id", "0", "--server", f"localhost:{port}", "--no-progress",
+                  "--max-new-tokens", "6", "--output", str(tmp_path / "deployed.jsonl"), "--set",
+                  "generate.stop_at_eos=false", *[a for p in PROMPTS for a in ("--prompt", p)])
+        finish([gen], timeout=120)
+        server.terminate()  # SIGTERM: a kept-serving server ends cleanly
         out, _ = server.communicate(timeout=60)
         assert server.returncode == 0, out
         assert "rejected: none" in out
     finally:
         server.kill()
     sim = run(load_config(path, [f"output={tmp_path / 'sim'}", "centralized=false"]), progress=False)
+    from silotune.cli import main
+
+    assert main(["generate", "--config", str(path), "--run", str(tmp_path / "sim"), "--no-progress",
+                 "--max-new-tokens", "6", "--output", str(tmp_path / "simulated.jsonl"), "--set",
+                 "generate.stop_at_eos=false", *[a for p in PROMPTS for a in ("--prompt", p)]]) == 0
+    deployed = (tmp_path / "deployed.jsonl").read_text().splitlines()
+    assert len(deployed) == 2 and deployed == (tmp_path / "simulated.jsonl").read_text().splitlines()
     expected = load_file(tmp_path / "sim/adapters/federated.safetensors")
     got = load_file(tmp_path / "net/server/trunk.safetensors")
     for k in range(3):

@@ -76,9 +76,14 @@ def compare(b, loss, logits, split_params, ref_logits, ref_params):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("a,c", SPLITS)
 def test_lora_split_equals_unsplit(tiny_dirs, arch, a, c):
+    lora_split_matches(tiny_dirs[arch], a, c, reference_model)
+
+
+def lora_split_matches(model_dir, a, c, reference):
+    """A LoRA split step equals ``reference(model_dir)`` (the unsplit HF model) carrying the same LoRA weights."""
     adapters = AdapterSettings(method="lora", lora=LoraSettings(r=4, alpha=8))
-    b, loss, logits, split_params = split_step(tiny_dirs[arch], a, c, adapters)
-    ref = reference_model(tiny_dirs[arch])
+    b, loss, logits, split_params = split_step(model_dir, a, c, adapters)
+    ref = reference(model_dir)
     spec = arch_for(ref.config)
     inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=list(spec.lora_targets),
                                        fan_in_fan_out=spec.fan_in_fan_out), ref)

@@ -66,7 +66,7 @@ messages = st.one_of(
 
 EXPECTED = {"client": int, "step": int, "round": int, "num_examples": int, "train": bool, "command": str,
             "payload": dict, "tensors": dict, "hidden": (torch.Tensor, type(None)),
-            "lengths": (torch.Tensor, type(None)), "grad": (torch.Tensor, type(None))}
+            "lengths": (torch.Tensor, type(None)), "grad": (torch.Tensor, type(None)), "cache": int, "past": int}
 
 
 def assert_well_typed(msg):
@@ -75,6 +75,8 @@ def assert_well_typed(msg):
         assert isinstance(value, EXPECTED[name]), (name, value)
         assert not (isinstance(value, bool) and EXPECTED[name] is int), (name, value)
     assert 0 <= msg.client < 2**31 and 0 <= msg.step <= 2**62
+    if isinstance(msg, ForwardActivations):
+        assert 0 <= msg.cache < 2**31 and 0 <= msg.past < 2**31
     if isinstance(msg, Aggregation):
         assert all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in msg.tensors.items())
     if isinstance(msg, Control):

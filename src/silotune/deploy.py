@@ -12,13 +12,18 @@ The server and the clients run the same runtimes as the simulation (``federation
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .atomic import atomic_write
 from .client.loop import client_run
@@ -32,12 +37,14 @@ from .errors import ConfigError
 from .federation import build_client_parts, build_server, run_limits
 from .models.loading import load_tokenizer, resolve_model
 from .protocol.codec import wire_dtype
+from .protocol.messages import Control
 from .report import adapters_blob
 from .server import checkpoint as ckpt
 from .server import replicas as hier
 from .tee.attestation import AttestationPolicy, SimulatedBackend, SimulatedVerifier
 from .tee.channel import SealedTransport
 from .tee.enclave import enclave_spec, expected_measurement
+from .tracking import Tracker, party_tracker
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +115,21 @@ def _join_replicas(cfg: RunConfig, compute: Compute) -> tuple[hier.Replicas, Com
     return hier.Replicas(rank, world), compute
 
 
-def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Path:
+def _wait_for_stop() -> None:
+    """Block until Ctrl-C or SIGTERM (the latter only when called from the main thread)."""
+    import signal
+
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+
+
+def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False, keep_serving: bool = False) -> Path:
     """Run the trunk server until every client has finished or been gone longer than
     ``deploy.grace_seconds``; writes the trunk adapters and ``summary.json`` (who finished, who
     dropped, refusals by reason) and returns the adapters' path.
@@ -116,7 +137,9 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
     With ``federation.schedule: hierarchical`` this is one trunk replica (its rank from
     torchrun's environment): it listens on the address's port + rank, serves the clients
     k with k mod M = rank, and writes under ``OUTPUT/server/replica-R/``.
-    It resumes from its ``checkpoint.pt`` when one exists (unless ``fresh``)."""
+    It resumes from its ``checkpoint.pt`` when one exists (unless ``fresh``). With ``keep_serving`` it writes the
+    trunk adapters once training is over, then goes on serving split generation (``silotune generate --id``)
+    until Ctrl-C or SIGTERM."""
     from .transport.admission import AdmissionSettings
     from .transport.grpc_server import SiloTuneServicer, start_server
 
@@ -151,27 +174,28 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
         log.warning("mutual TLS is off: anyone who can reach %s can open calls (they are still refused before "
                     "any work is done for them); set deploy.mutual_tls: true to refuse them at the TLS layer",
                     address)
+    tracker = _server_tracker(cfg, trunk, servicer, out_dir, replicas)
     server, port = start_server(servicer, address, tls, client_ca=client_ca)
     channel = ("mutual TLS + " if client_ca else "TLS + ") if tls else ""
     who = f"replica {replicas.rank} of {replicas.world}, " if replicas else ""
     log.info("trunk on %s; schedule %s", compute.describe(), cfg.federation.schedule)
-    print(f"silotune server ({who}{cfg.federation.schedule}) listening on port {port} ({channel}AEAD), "
-          f"waiting for clients {trunk.schedule.members}", flush=True)
+    log.info("silotune server (%s%s) listening on port %d (%sAEAD), waiting for clients %s", who,
+             cfg.federation.schedule, port, channel, trunk.schedule.members)
     try:
         while not trunk.finished.wait(0.5):
             if trunk.presence.over(d.grace_seconds):  # the rest have been gone past the grace period
                 break
+        if keep_serving:
+            out = write_trunk(cfg, trunk, out_dir)
+            log.info("training done (%d trunk steps; trunk adapters in %s): serving generation on port %d until "
+                     "interrupted (Ctrl-C or SIGTERM)", trunk.steps, out, port)
+            _wait_for_stop()
     finally:
         server.stop(grace=2)
         servicer.close()
         if replicas is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if cfg.tee.enabled and not cfg.tee.release_trunk:  # the enclave keeps its trunk: only it can open this file
-        out = out_dir / "trunk.sealed"
-        atomic_write(out, trunk.runtime.sealed_state())
-    else:
-        out = out_dir / "trunk.safetensors"
-        atomic_write(out, adapters_blob([trunk.trunk], cfg.adapters.method))
+    out = write_trunk(cfg, trunk, out_dir)
     presence = trunk.presence.report(d.grace_seconds)
     refused = servicer.refusals()
     summary = {"schedule": cfg.federation.schedule, "trunk_steps": trunk.steps,
@@ -184,27 +208,49 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False) -> Pa
         summary["tee"] = trunk.runtime.stats()
         trunk.runtime.close()
     atomic_write(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    tracker.refusals(trunk.steps, refused)
+    tracker.close()
     ended = "all clients finished" if not presence["dropped"] else \
         f"clients {presence['dropped']} dropped (gone > {d.grace_seconds:.0f}s), the others finished"
-    print(f"{ended}; {trunk.steps} trunk steps; rejected: {refused or 'none'}", flush=True)
+    log.info("%s; %d trunk steps; rejected: %s", ended, trunk.steps, refused or "none")
     return out
 
 
-def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Path:
-    """Train one data owner's head and tail against a remote trunk server; returns its adapters' path."""
-    from .simulate import budget, client_stream, prepare_data
+def _server_tracker(cfg: RunConfig, trunk, servicer, out_dir: Path, replicas) -> Tracker:
+    """The server's TensorBoard run (``OUTPUT/server/tensorboard``), fed at every averaged round; a resumed server
+    continues its curves from the checkpoint's trunk step."""
+    party = "server" if replicas is None else f"server-replica-{replicas.rank}"
+    resumed = trunk.aggregator.latest()[0] >= 0
+    tracker = party_tracker(cfg.tracking, party, out_dir / "tensorboard", trunk.steps + 1 if resumed else 0)
+    trunk.on_round = lambda round_: tracker.server_round(trunk.steps, round_, len(trunk.schedule.active),
+                                                         servicer.refusals())
+    return tracker
+
+
+def write_trunk(cfg: RunConfig, trunk, out_dir: Path) -> Path:
+    """Write the trunk server's trained adapters; returns the file. ``trunk.sealed`` when the enclave keeps them
+    (``tee.release_trunk: false``: only it can open the file), else ``trunk.safetensors``, marked releasable
+    (``silotune export`` may assemble it into a client's model) only when ``deploy.release_trunk_adapters``."""
+    if cfg.tee.enabled and not cfg.tee.release_trunk:
+        out = out_dir / "trunk.sealed"
+        atomic_write(out, trunk.runtime.sealed_state())
+    else:
+        out = out_dir / "trunk.safetensors"
+        atomic_write(out, adapters_blob([trunk.trunk], cfg.adapters.method, cfg,
+                                        releasable=cfg.deploy.release_trunk_adapters))
+    return out
+
+
+def connect_client(cfg: RunConfig, client_id: int, server: str | None, model_dir: Path, compute: Compute):
+    """Client ``client_id``'s transport to its deployment's server (its replica's, in a hierarchical one): gRPC with
+    TLS (mutual by default) and its AEAD session; in TEE mode sealed to the enclave, attested before anything is
+    sent. ``server``: host:port (None: ``deploy.address``)."""
     from .transport.grpc_client import GrpcTransport
 
     keys = Path(cfg.deploy.keys)
     if not 0 <= client_id < cfg.federation.clients:
         raise CryptoError(f"client id {client_id} outside 0..{cfg.federation.clients - 1}")
     identity = Identity.load(keys / "clients" / f"client-{client_id}.pem", cfg.deploy.allow_insecure_keys)
-    model_dir = resolve_model(cfg.model)
-    tok = load_tokenizer(model_dir)
-    task, rows, parts = prepare_data(cfg, tok)
-    idx = parts[client_id]
-    compute = Compute.resolve(cfg.compute)
-    head, tail = build_client_parts(model_dir, cfg.split, cfg.adapters, cfg.train.seed, compute)
     address = server or cfg.deploy.address
     if cfg.federation.schedule == "hierarchical":  # its group's replica listens on the port + its rank
         address = hier.replica_address(address, hier.replica_of(client_id, cfg.federation.replicas))
@@ -219,27 +265,84 @@ def run_client(cfg: RunConfig, client_id: int, server: str | None = None) -> Pat
         transport = SealedTransport(transport, client_id, identity, enclave_policy(cfg, model_dir, compute),
                                     wire_dtype(cfg.federation.wire_dtype))
         quote = transport.connect()
-        print(f"client {client_id}: enclave attested ({quote.backend}, measurement {quote.measurement.hex()[:16]}; "
-              "simulated: no hardware protection); activations and gradients sealed to it", flush=True)
+        log.info("client %d: enclave attested (%s, measurement %s; simulated: no hardware protection); activations "
+                 "and gradients sealed to it", client_id, quote.backend, quote.measurement.hex()[:16])
+    return transport
+
+
+def run_client(cfg: RunConfig, client_id: int, server: str | None = None, progress: bool = True) -> Path:
+    """Train one data owner's head and tail against a remote trunk server; returns its adapters' path.
+
+    Each step shows on a progress bar when stderr is a terminal (and ``progress``), else as an INFO log line;
+    losses, step times, wire bytes and rounds go to TensorBoard (``OUTPUT/client-ID/tensorboard``). With
+    ``tracking.client_eval`` the client scores its final model on the task's test examples before it says goodbye."""
+    from .simulate import budget, client_stream, prepare_data
+
+    if not 0 <= client_id < cfg.federation.clients:
+        raise CryptoError(f"client id {client_id} outside 0..{cfg.federation.clients - 1}")
+    model_dir = resolve_model(cfg.model)
+    tok = load_tokenizer(model_dir)
+    task, rows, parts = prepare_data(cfg, tok)
+    idx = parts[client_id]
+    compute = Compute.resolve(cfg.compute)
+    head, tail = build_client_parts(model_dir, cfg.split, cfg.adapters, cfg.train.seed, compute)
+    transport = connect_client(cfg, client_id, server, model_dir, compute)
     client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed, compute)
     stream = client_stream(cfg, tok, rows, idx, client_id)
     plan = budget(cfg)
     first_round = client.join()
     done = min(first_round * cfg.federation.local_steps, plan["steps_per_client"])
     if first_round:
-        print(f"client {client_id}: joining at round {first_round} (latest average loaded)", flush=True)
+        log.info("client %d: joining at round %d (latest average loaded)", client_id, first_round)
         for _ in range(done):  # skip the batches of the rounds already averaged
             next(stream)
-    for event, value in client_run(client, stream, plan["steps_per_client"], cfg.federation.local_steps,
-                                   first_round, done):
-        if event == "step":
-            print(f"client {client_id} step {client.step} loss {value:.4f}", flush=True)
-        elif event == "wait":
-            time.sleep(cfg.deploy.poll_seconds)
+    out_dir = Path(cfg.output) / f"client-{client_id}"
+    tracker = party_tracker(cfg.tracking, f"client-{client_id}", out_dir / "tensorboard", done + 1 if done else 0)
+    show = progress and sys.stderr.isatty()  # a bar on a terminal; one log line per step in a log file
+    done = _train_client(cfg, client, stream, plan["steps_per_client"], first_round, done, tracker, show)
+    if cfg.tracking.client_eval:  # out of the rotation first: the schedule's turns must not wait for it
+        transport.call(Control(client_id, client.step, command="trained"))
+        _evaluate_client(cfg, client, tok, task, tracker, done, show)
     client.finish()
-    out = Path(cfg.output) / f"client-{client_id}" / "adapters.safetensors"
-    atomic_write(out, adapters_blob([client.head, client.tail], cfg.adapters.method))
-    print(f"client {client_id}: {client.step} steps, {transport.stats.total / 1e6:.1f} MB on the wire; "
-          f"adapters in {out}")
+    out = out_dir / "adapters.safetensors"
+    atomic_write(out, adapters_blob([client.head, client.tail], cfg.adapters.method, cfg))
+    tracker.close()
+    log.info("client %d: %d steps, %.1f MB on the wire; adapters in %s", client_id, client.step,
+             transport.stats.total / 1e6, out)
     transport.close()
     return out
+
+
+def _train_client(cfg: RunConfig, client: SplitClient, stream, steps: int, first_round: int, done: int,
+                  tracker: Tracker, show: bool) -> int:
+    """A client's training loop to its end (``done`` steps already averaged); each step on the progress bar
+    (``show``) or in an INFO line, and in TensorBoard at the step's position in the client's run. Returns the
+    steps done."""
+    level = logging.DEBUG if show else logging.INFO
+    bar = tqdm(total=steps, initial=done, desc=f"client {client.id}", unit="step", disable=not show)
+    with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():
+        for event, value in client_run(client, stream, steps, cfg.federation.local_steps, first_round, done):
+            if event == "step":
+                done += 1
+                log.log(level, "client %d step %d loss %.4f", client.id, client.step, value.loss)
+                tracker.train_step(done, value.loss, value.seconds, client.transport.stats)
+                bar.set_postfix(loss=f"{value.loss:.3f}", refresh=False)
+                bar.update(1)
+            elif event == "averaged":
+                tracker.client_round(done, value)
+            elif event == "wait":
+                time.sleep(cfg.deploy.poll_seconds)
+    return done
+
+
+def _evaluate_client(cfg: RunConfig, client: SplitClient, tok, task, tracker: Tracker, step: int, show: bool) -> None:
+    """Score the client's final head and tail, with the server's trunk as it is now, on the task's test examples."""
+    from .eval.loop import evaluate
+    from .generation import split_decoder
+    from .report import score_line
+
+    metrics = evaluate(client.logits, tok, task, cfg.data.max_length, cfg.train.eval_batch_size,
+                       cfg.train.max_new_tokens, decoder=split_decoder(client, cfg.tee.enabled), progress=show,
+                       desc=f"client {client.id} evaluation")
+    tracker.evaluation(step, metrics)
+    log.info("client %d: %s on %d test examples", client.id, score_line(metrics), metrics["n"])

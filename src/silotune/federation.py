@@ -41,17 +41,22 @@ from .transport.inprocess import InProcessTransport
 @dataclass
 class SplitSettings:
     head_blocks: int = 2
+    """``a``: the blocks the client runs after the embedding before it sends ``h1`` to the server (at least 1)."""
     tail_blocks: int = 2
+    """``c``: the last blocks, run by the client on the server's ``h2`` before the final norm and the LM head (at least
+    1)."""
 
 
 @dataclass
 class FederationSettings:
     clients: int = 4
+    """N: the clients (data owners), each training on its own shard of the training examples."""
     schedule: str = "sequential"
     """How the server interleaves clients: ``sequential``, ``client-batch`` or ``hierarchical``."""
     local_steps: int = 10
     """R: FedAvg every R local steps of each client (and, when hierarchical, the trunk replicas are averaged)."""
     wire_dtype: str = "fp32"
+    """The dtype activations and gradients travel in: ``fp32``, ``bf16`` or ``fp16`` (half the bytes)."""
     batch_clients: int = 4
     """client-batch: at most this many clients' steps share one trunk pass (K)."""
     batch_wait: float = 2.0

@@ -1,12 +1,15 @@
 """The run folder: metrics JSON, a markdown report, a loss plot and the trained adapters.
 
 Every file is written atomically (temporary file, then rename), so an interrupted run
-never leaves a half-written artefact.
+never leaves a half-written artefact. The plot needs matplotlib (``pip install 'silotune[plot]'``);
+without it one log line says so and the rest of the folder is written as usual.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import platform
 from pathlib import Path
@@ -19,18 +22,65 @@ from .adapters import spf_indices, trainable_state
 from .atomic import atomic_path, atomic_write
 from .config import RunConfig, to_dict
 
+log = logging.getLogger(__name__)
 
-def adapters_blob(stages, method: str) -> bytes:
+ADAPTERS_FORMAT = "silotune-adapters"
+RECORD_KEY = "silotune"
+"""Metadata key of an adapters file's record (JSON): what ``silotune export`` needs to rebuild the adapters."""
+RECORD_VERSION = 1
+RELEASABLE_KEY = "releasable"
+"""Metadata key of a deployment's trunk file: "true" only when its server consented
+(``deploy.release_trunk_adapters``)."""
+
+
+def adapter_record(cfg: RunConfig, model_config) -> dict:
+    """Everything needed to rebuild a run's adapters on its base model, as JSON-able values: the method and
+    its settings with the architecture's defaults resolved, the split, the adapted parts and blocks, the
+    base model (as the config names it, its directory and its ``model_type``) and the seed."""
+    from .adapters import trained_layers
+    from .models.arch import arch_for, num_layers
+
+    spec, adapters = arch_for(model_config), cfg.adapters
+    a, c = cfg.split.head_blocks, cfg.split.tail_blocks
+    record = {"version": RECORD_VERSION, "method": adapters.method, "parts": list(adapters.parts),
+              "layers": sorted(trained_layers(model_config, adapters, a, c)),
+              "split": {"head_blocks": a, "tail_blocks": c},
+              "model": str(cfg.model), "model_type": model_config.model_type,
+              "num_layers": num_layers(model_config), "seed": cfg.train.seed}
+    where = Path(getattr(model_config, "_name_or_path", "") or ".")
+    if where.is_dir() and (where / "config.json").is_file():
+        record["model_path"] = str(where.resolve())
+    if adapters.method in ("lora", "lora+spf"):
+        lora = adapters.lora
+        record["lora"] = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+                          "targets": list(lora.targets or spec.lora_targets), "fan_in_fan_out": spec.fan_in_fan_out}
+    if adapters.method in ("spf", "lora+spf"):
+        record["spf"] = {"ratio": adapters.spf.ratio, "targets": list(adapters.spf.targets or spec.spf_targets)}
+    if adapters.method == "prefix":
+        record["prefix"] = {"length": adapters.prefix.length}
+    return record
+
+
+def adapters_blob(stages, method: str, cfg: RunConfig | None = None, *, releasable: bool | None = None) -> bytes:
     """Trainable tensors of the given stages under their names in the full model. SPF's sparse deltas
     go with their row indices (``...spf_rows``, int64, next to each ``...spf_delta``), so the file
-    alone says which rows of the base weight each delta row adds to."""
-    state = {}
+    alone says which rows of the base weight each delta row adds to.
+
+    With the run's ``cfg`` the metadata also holds ``adapter_record`` as JSON (key ``silotune``);
+    ``releasable`` (a deployment's trunk file) is written as "true" / "false" when given."""
+    state, model_config = {}, None
     for stage in stages:
         if stage is None:  # an enclave that keeps its trunk adapters (tee.release_trunk: false)
             continue
+        model_config = stage.config
         state.update({stage.full_name(k): v.contiguous() for k, v in trainable_state(stage).items()})
         state.update({stage.full_name(k): v.contiguous() for k, v in spf_indices(stage).items()})
-    return st_save(state, metadata={"format": "silotune-adapters", "method": method})
+    metadata = {"format": ADAPTERS_FORMAT, "method": method}
+    if cfg is not None and model_config is not None:
+        metadata[RECORD_KEY] = json.dumps(adapter_record(cfg, model_config))
+    if releasable is not None:
+        metadata[RELEASABLE_KEY] = "true" if releasable else "false"
+    return st_save(state, metadata=metadata)
 
 
 def public(result: dict) -> dict:
@@ -56,7 +106,7 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
 
-def markdown(cfg: RunConfig, r: dict) -> str:
+def markdown(cfg: RunConfig, r: dict, loss_plot: bool = True) -> str:
     fed, cen = r["federated"], r.get("centralized")
     lines = [f"# SiloTune run: {r['task']} on {r['model']}", "",
              f"- machine: {machine()}",
@@ -83,22 +133,38 @@ def markdown(cfg: RunConfig, r: dict) -> str:
               "| client | examples | label counts | steps | final loss | bytes up | bytes down |",
               "|---|---|---|---|---|---|---|"]
     for c in fed["clients"]:
-        labels = ", ".join(f"{k}: {v}" for k, v in c["label_counts"].items())
+        labels = ", ".join(f"{k}: {v}" for k, v in c["label_counts"].items()) or "-"
         lines.append(f"| {c['client']} | {c['examples']} | {labels} | {c['steps']} | {c['final_loss']:.4f} | "
                      f"{_mb(c['bytes_up'])} | {_mb(c['bytes_down'])} |")
     lines += ["", "## Wire", "",
               f"Bytes that crossed the wire per client training step (up + down, {cfg.federation.wire_dtype}): "
               f"{_mb(fed['bytes_per_step'])} (activations, gradients and the FedAvg traffic, which is spread "
-              "over the steps; evaluation traffic is not counted).", "",
-              "![loss curves](loss.png)", ""]
+              "over the steps; evaluation traffic is not counted).", ""]
+    if loss_plot:
+        lines += ["![loss curves](loss.png)", ""]
     return "\n".join(lines)
 
 
-def plot(r: dict, path: Path) -> None:
-    import matplotlib
-
+@functools.cache
+def pyplot():
+    """matplotlib's pyplot on its file-only Agg backend, or None when matplotlib is not installed
+    (logged once: plots are an extra, ``pip install 'silotune[plot]'``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: plots are skipped (pip install 'silotune[plot]' to draw them)")
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(r: dict, path: Path) -> bool:
+    """Draw the loss curves into ``path``; False (nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
+        return False
 
     def smooth(xs, k=20):
         return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
@@ -118,17 +184,18 @@ def plot(r: dict, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    return True
 
 
 def write_run(cfg: RunConfig, r: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     atomic_write(out / "metrics.json", json.dumps({**public(r), "machine": machine()}, indent=2))
-    atomic_write(out / "report.md", markdown(cfg, r))
-    plot(r, out / "loss.png")
+    plotted = plot(r, out / "loss.png")
+    atomic_write(out / "report.md", markdown(cfg, r, loss_plot=plotted))
     server, clients = r["federated"]["_parties"]
     atomic_write(out / "adapters" / "federated.safetensors",
-                 adapters_blob([clients[0].head, server.trunk, clients[0].tail], cfg.adapters.method))
+                 adapters_blob([clients[0].head, server.trunk, clients[0].tail], cfg.adapters.method, cfg))
     if "centralized" in r:
         atomic_write(out / "adapters" / "centralized.safetensors",
-                     adapters_blob([r["centralized"]["_model"]], cfg.adapters.method))
+                     adapters_blob([r["centralized"]["_model"]], cfg.adapters.method, cfg))

@@ -18,7 +18,6 @@ import os
 import socket
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -28,14 +27,17 @@ from .adapters import apply_method, trained_layers
 from .client.loop import run_concurrently
 from .compute import Compute, fp32_trainables
 from .config import RunConfig
-from .data import load_task, partition_dirichlet, partition_iid
+from .data import partition_dirichlet, partition_iid
+from .data.settings import load_configured_task
 from .errors import ConfigError
 from .eval.loop import evaluate
 from .federation import build_parties, run_limits
+from .generation import LocalDecoder, split_decoder
 from .models.loading import load_tokenizer, resolve_model
 from .models.partition import load_stage
 from .protocol.codec import wire_dtype
 from .server import replicas as hier
+from .tracking import Tracking
 from .train.batching import BatchStream, encode_example
 from .train.loss import lm_loss
 from .train.optim import Stepper, trainable
@@ -74,36 +76,52 @@ def sequential_order(streams: list, steps_per_client: int):
 
 
 def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan, progress=True,
-                  connect=None, streams=None) -> dict:
+                  connect=None, streams=None, tracking: Tracking | None = None) -> dict:
     """The federation: real clients and trunk server over the in-process transport.
 
     ``connect(server) -> Transport`` replaces the transport (the audit taps the server's
     side of it) and ``streams`` the clients' batch streams (the audit records which
-    examples went into each step); neither changes what is computed."""
+    examples went into each step); neither changes what is computed. ``tracking``: the
+    run's TensorBoard parties (``tracking.py``; None: none)."""
     if streams is None:
         streams = [client_stream(cfg, tok, rows, idx, k) for k, idx in enumerate(parts)]
+    track = tracking or Tracking.off()
+    track.open([f"client-{k}" for k in range(cfg.federation.clients)] + ["server", "federated"])
     bars: list = []  # made at the first step, so that set-up errors print alone
     bar_lock = threading.Lock()
+    live: set[int] = set()  # clients whose steps were tracked as they happened (not other replicas')
 
-    def on_step(cid, loss):
-        with bar_lock:
-            if not bars:
-                bars.append(tqdm(total=plan["centralized_steps"], desc=f"federated ({cfg.federation.schedule})",
-                                 disable=not progress, unit="step"))
-            bars[0].update(1)
-            bars[0].set_postfix(client=cid, loss=f"{loss:.3f}")
+    def on_event(client, event, value):
+        if event == "step":
+            with bar_lock:
+                if not bars:
+                    bars.append(tqdm(total=plan["centralized_steps"], desc=f"federated ({cfg.federation.schedule})",
+                                     disable=not progress, unit="step"))
+                bars[0].update(1)
+                bars[0].set_postfix(client=client.id, loss=f"{value.loss:.3f}")
+                live.add(client.id)
+            track.party(f"client-{client.id}").train_step(client.step, value.loss, value.seconds,
+                                                          client.transport.stats)
+        elif event == "averaged":
+            track.party(f"client-{client.id}").client_round(client.step, value)
+
+    def on_parties(server, clients):
+        server.on_round = lambda r: track.party("server").server_round(server.steps, r, len(server.schedule.active),
+                                                                       dict(server.rejected))
 
     if cfg.federation.schedule == "hierarchical":
-        server, clients, client_losses, wire, extra = _run_hierarchical(cfg, model_dir, streams, plan, on_step)
+        server, clients, client_losses, wire, extra = _run_hierarchical(cfg, model_dir, streams, plan, on_event,
+                                                                        on_parties)
         train_time = extra.pop("train_seconds")  # from when every replica had loaded its parts
     else:
         server, clients = _parties(cfg, model_dir, connect)
+        on_parties(server, clients)
         if cfg.tee.enabled:  # every client attests the enclave and opens its session before it sends anything
             for client in clients:
                 client.transport.connect()
         start = time.perf_counter()
         client_losses = run_concurrently(clients, streams, plan["steps_per_client"], cfg.federation.local_steps,
-                                         on_step)
+                                         on_event)
         train_time = time.perf_counter() - start
         wire = [_wire(c) for c in clients]
         extra = {}
@@ -113,26 +131,40 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
     curve = [losses[s] for s in range(plan["steps_per_client"]) for losses in client_losses if s < len(losses)]
     total_steps = sum(len(losses) for losses in client_losses)
     metrics = evaluate(clients[0].logits, tok, task, cfg.data.max_length, cfg.train.eval_batch_size,
-                       cfg.train.max_new_tokens)
+                       cfg.train.max_new_tokens, decoder=split_decoder(clients[0], cfg.tee.enabled),
+                       progress=progress, desc="evaluation (federated)")
     train_bytes = sum(w["up"] + w["down"] for w in wire)
     if cfg.tee.enabled:
         extra["tee"] = server.runtime.stats()  # backend, measurement, offload FLOPs and masks
     per_client = []
     for cid, (idx, losses, w) in enumerate(zip(parts, client_losses, wire)):
-        labels = Counter(task.train[i].label for i in idx)
         last = losses[-cfg.federation.local_steps:]
         per_client.append({"client": cid, "examples": len(idx), "steps": len(losses),
-                           "label_counts": {str(k): v for k, v in sorted(labels.items(), key=str)},
+                           "label_counts": task.label_counts(idx),
                            "final_loss": sum(last) / max(len(last), 1),
                            "bytes_up": w["up"], "bytes_down": w["down"]})
     schedule = server.schedule
     extra.setdefault("trunk_passes", getattr(schedule, "passes", server.steps))
-    return {"metrics": metrics, "curve": curve, "train_seconds": train_time, "steps": total_steps,
-            "examples": total_steps * cfg.train.batch_size, "rounds": plan["rounds"],
-            "samples_per_second": total_steps * cfg.train.batch_size / max(train_time, 1e-9),
-            "bytes_per_step": train_bytes / max(total_steps, 1), "clients": per_client,
-            "schedule": cfg.federation.schedule, "trunk_steps": server.steps, **extra,
-            "_parties": (server, clients)}
+    result = {"metrics": metrics, "curve": curve, "train_seconds": train_time, "steps": total_steps,
+              "examples": total_steps * cfg.train.batch_size, "rounds": plan["rounds"],
+              "samples_per_second": total_steps * cfg.train.batch_size / max(train_time, 1e-9),
+              "bytes_per_step": train_bytes / max(total_steps, 1), "clients": per_client,
+              "schedule": cfg.federation.schedule, "trunk_steps": server.steps, **extra,
+              "_parties": (server, clients)}
+    _track_federated(track, result, client_losses, live, server)
+    return result
+
+
+def _track_federated(track: Tracking, result: dict, client_losses: list[list[float]], live: set[int], server) -> None:
+    """A finished federation's curves and totals: the losses of clients trained in other processes (hierarchical
+    replicas), the whole run's loss curve, scores, wire bytes and times, the server's refusals."""
+    for cid, losses in enumerate(client_losses):
+        if cid not in live:
+            track.party(f"client-{cid}").curve(losses)
+    federated = track.party("federated")
+    federated.curve(result["curve"])
+    federated.run_summary(len(result["curve"]), result)
+    track.party("server").refusals(server.steps, dict(server.rejected))
 
 
 def _wire(client) -> dict:
@@ -154,8 +186,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _replica(rank: int, world: int, init: str, cfg: RunConfig, model_dir: Path, streams, plan, on_step=None):
-    """One trunk replica and its group's clients (threads), joined to the other replicas' processes."""
+def _replica(rank: int, world: int, init: str, cfg: RunConfig, model_dir: Path, streams, plan, on_event=None,
+             on_parties=None):
+    """One trunk replica and its group's clients (threads), joined to the other replicas' processes;
+    ``on_parties(server, clients)`` sees them once built."""
     compute = Compute.resolve(cfg.compute)
     if compute.device.type == "cuda" and torch.cuda.device_count() > 1:
         compute = Compute(torch.device("cuda", rank % torch.cuda.device_count()), compute.dtype)
@@ -163,10 +197,12 @@ def _replica(rank: int, world: int, init: str, cfg: RunConfig, model_dir: Path, 
     hier.init_group(rank, world, compute.device, init)
     replicas = hier.Replicas(rank, world)
     server, clients = _parties(cfg, model_dir, replicas=replicas)
+    if on_parties is not None:
+        on_parties(server, clients)
     torch.distributed.barrier()  # every replica loaded: training starts together (and is timed from here)
     start = time.perf_counter()
     losses = run_concurrently(clients, [streams[c.id] for c in clients], plan["steps_per_client"],
-                              cfg.federation.local_steps, on_step)
+                              cfg.federation.local_steps, on_event)
     replicas.train_seconds = time.perf_counter() - start
     return server, clients, losses, replicas
 
@@ -184,7 +220,7 @@ def _replica_process(rank, world, init, cfg, model_dir, streams, plan, threads, 
             torch.distributed.destroy_process_group()
 
 
-def _run_hierarchical(cfg: RunConfig, model_dir: Path, streams, plan, on_step):
+def _run_hierarchical(cfg: RunConfig, model_dir: Path, streams, plan, on_event, on_parties):
     """M replica processes (this one is replica 0); returns replica 0's parties and every client's losses."""
     import torch.multiprocessing as mp
 
@@ -201,7 +237,8 @@ def _run_hierarchical(cfg: RunConfig, model_dir: Path, streams, plan, on_step):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        server, clients, losses, replicas = _replica(0, world, init, cfg, model_dir, streams, plan, on_step)
+        server, clients, losses, replicas = _replica(0, world, init, cfg, model_dir, streams, plan, on_event,
+                                                     on_parties)
         results = {c.id: (loss, _wire(c)) for c, loss in zip(clients, losses)}
         steps, prints = server.steps, {0: replicas.fingerprints}
         for _ in procs:
@@ -225,17 +262,25 @@ def _run_hierarchical(cfg: RunConfig, model_dir: Path, streams, plan, on_step):
         "replica_fingerprints": [prints[r] for r in range(world)]}  # equal lists: identical trunks at every sync
 
 
-def run_centralized(cfg: RunConfig, model_dir: Path, tok, task, rows, plan, progress=True, parts=None) -> dict:
-    """The whole model trained on the federation's batches, in the sequential schedule's order
-    (``parts``: the clients' shards; None: one stream over all rows)."""
-    seed = cfg.train.seed
-    torch.manual_seed(seed)
-    compute = Compute.resolve(cfg.compute)
+def centralized_model(cfg: RunConfig, model_dir: Path, compute: Compute):
+    """The whole model as one stage, with the run's adapters on the blocks the split run trains."""
     model = load_stage(model_dir, "full", dtype=compute.dtype, device=compute.device)
-    apply_method(model, cfg.adapters, seed,
+    apply_method(model, cfg.adapters, cfg.train.seed,
                  trained_layers(model.config, cfg.adapters, cfg.split.head_blocks, cfg.split.tail_blocks))
     model.to(compute.device)
     fp32_trainables(model)
+    return model
+
+
+def run_centralized(cfg: RunConfig, model_dir: Path, tok, task, rows, plan, progress=True, parts=None,
+                    tracking: Tracking | None = None) -> dict:
+    """The whole model trained on the federation's batches, in the sequential schedule's order
+    (``parts``: the clients' shards; None: one stream over all rows); ``tracking``: the run's TensorBoard parties."""
+    track = (tracking or Tracking.off()).party("centralized")
+    seed = cfg.train.seed
+    torch.manual_seed(seed)
+    compute = Compute.resolve(cfg.compute)
+    model = centralized_model(cfg, model_dir, compute)
     stepper = Stepper(trainable(model), cfg.optim)
     if parts is None:
         batches = iter(BatchStream(rows, cfg.train.batch_size, tok.pad_token_id, seed))
@@ -245,27 +290,31 @@ def run_centralized(cfg: RunConfig, model_dir: Path, tok, task, rows, plan, prog
     curve = []
     start = time.perf_counter()
     for _ in tqdm(range(plan["centralized_steps"]), desc="centralized", disable=not progress, unit="step"):
+        step_start = time.perf_counter()
         batch = {k: compute.to_device(v) for k, v in next(batches).items()}
         stepper.zero_grad()
         loss = lm_loss(model(batch["input_ids"], batch["lengths"]), batch["labels"])
         loss.backward()
         stepper.step()
         curve.append(loss.item())
+        track.train_step(len(curve), curve[-1], time.perf_counter() - step_start)
     train_time = time.perf_counter() - start
     with torch.no_grad():
         metrics = evaluate(lambda b: model(*(compute.to_device(b[k]) for k in ("input_ids", "lengths"))).float().cpu(),
-                           tok, task, cfg.data.max_length, cfg.train.eval_batch_size, cfg.train.max_new_tokens)
-    return {"metrics": metrics, "curve": curve, "train_seconds": train_time,
-            "steps": plan["centralized_steps"], "examples": plan["centralized_steps"] * cfg.train.batch_size,
-            "samples_per_second": plan["centralized_steps"] * cfg.train.batch_size / max(train_time, 1e-9),
-            "_model": model}
+                           tok, task, cfg.data.max_length, cfg.train.eval_batch_size, cfg.train.max_new_tokens,
+                           decoder=LocalDecoder(model), progress=progress, desc="evaluation (centralized)")
+    result = {"metrics": metrics, "curve": curve, "train_seconds": train_time,
+              "steps": plan["centralized_steps"], "examples": plan["centralized_steps"] * cfg.train.batch_size,
+              "samples_per_second": plan["centralized_steps"] * cfg.train.batch_size / max(train_time, 1e-9),
+              "_model": model}
+    track.run_summary(len(curve), result)
+    return result
 
 
 def prepare_data(cfg: RunConfig, tok):
     """(task, encoded training rows, client shards): identical in every process for a config."""
     try:
-        task = load_task(cfg.data.task, seed=cfg.train.seed, max_train=cfg.data.max_train,
-                         max_test=cfg.data.max_test, choices=cfg.data.choices)
+        task = load_configured_task(cfg.data, cfg.train.seed)
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from None
     add_eos = task.spec.kind == "generation"
@@ -285,9 +334,10 @@ def run(cfg: RunConfig, progress: bool = True) -> dict:
              len(task.test), cfg.federation.clients, plan)
     result = {"task": task.spec.name, "kind": task.spec.kind, "model": str(cfg.model),
               "train_examples": len(task.train), "test_examples": len(task.test), "plan": plan}
-    result["federated"] = run_federated(cfg, model_dir, tok, task, rows, parts, plan, progress)
-    if cfg.centralized:
-        result["centralized"] = run_centralized(cfg, model_dir, tok, task, rows, plan, progress, parts)
+    with Tracking(cfg.tracking, Path(cfg.output)) as tracking:
+        result["federated"] = run_federated(cfg, model_dir, tok, task, rows, parts, plan, progress, tracking=tracking)
+        if cfg.centralized:
+            result["centralized"] = run_centralized(cfg, model_dir, tok, task, rows, plan, progress, parts, tracking)
     write_run(cfg, result, Path(cfg.output))
     close = getattr(result["federated"]["_parties"][0].runtime, "close", None)
     if close is not None:  # an enclave process

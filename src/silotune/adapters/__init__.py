@@ -19,10 +19,17 @@ METHODS = ("lora", "prefix", "spf", "lora+spf")
 @dataclass
 class AdapterSettings:
     method: str = "lora"
+    """``lora``, ``prefix`` (P-tuning v2 deep prefixes), ``spf`` (sparse deltas on the top attention heads and FFN
+    rows) or ``lora+spf``."""
     parts: list[str] = field(default_factory=lambda: ["head", "trunk", "tail"])
+    """The parts that train: any of ``head``, ``trunk``, ``tail``; a part left out stays frozen (e.g. ``[head, tail]``:
+    a frozen trunk, only client-side parameters train)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA (through peft), for ``lora`` and ``lora+spf``."""
     prefix: PrefixSettings = field(default_factory=PrefixSettings)
+    """P-tuning v2 deep prefixes, for ``prefix``."""
     spf: SpfSettings = field(default_factory=SpfSettings)
+    """Sparsification parameter fine-tuning, for ``spf`` and ``lora+spf``."""
 
 
 def apply_method(stage: Stage, settings: AdapterSettings, seed: int, layers=None) -> Stage:

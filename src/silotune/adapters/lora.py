@@ -24,9 +24,13 @@ from ..models.partition import Stage
 @dataclass
 class LoraSettings:
     r: int = 8
+    """The rank of each LoRA update."""
     alpha: float = 16.0
+    """The scaling numerator: each update is scaled by ``alpha / r``."""
     dropout: float = 0.0
-    targets: list[str] | None = None  # None: the architecture's defaults
+    """Dropout on the LoRA branch's input while training."""
+    targets: list[str] | None = None
+    """Module names to adapt (peft's ``target_modules``, e.g. ``[q_proj, v_proj]``); null: the architecture's defaults."""
 
 
 def name_seed(seed: int, name: str) -> int:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models.arch import attention_geometry
+from ..models.arch import attention_geometry, check_prefix
 from ..models.partition import PrefixKV, Stage
 from .lora import name_seed
 
@@ -22,7 +22,9 @@ from .lora import name_seed
 @dataclass
 class PrefixSettings:
     length: int = 16
+    """P: the prefix key/value slots of each attention layer."""
     init_std: float = 0.02
+    """The standard deviation of the prefixes' random initialisation."""
 
 
 class DeepPrefix(nn.Module):
@@ -45,7 +47,9 @@ class DeepPrefix(nn.Module):
 
 
 def apply_prefix(stage: Stage, settings: PrefixSettings, seed: int, layers=None) -> Stage:
-    """Attach trainable prefixes to the stage's blocks (all, or those in ``layers``)."""
+    """Attach trainable prefixes to the stage's blocks (all, or those in ``layers``); a ModelError for a
+    model with sliding-window attention (``arch.check_prefix``), whichever blocks this stage holds."""
+    check_prefix(stage.config)
     layers = [i for i in stage.layer_ids() if layers is None or i in layers]
     if not layers:
         return stage

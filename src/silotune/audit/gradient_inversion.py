@@ -33,8 +33,11 @@ from ..models.partition import Stage
 @dataclass
 class GradientSettings:
     shortlist: int = 16
-    min_cos: float = 0.3  # below this the residual is not a target token's gradient: stop
+    """Candidates per position checked exactly, from a first-order score over the whole vocabulary."""
+    min_cos: float = 0.3
+    """The cosine below which the residual is not a target token's gradient: the walk stops there."""
     max_tokens: int = 64
+    """The longest target (tokens) reconstructed, walking right to left from the last sent position."""
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

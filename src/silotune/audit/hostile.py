@@ -10,6 +10,7 @@ adapters the honest clients must end with if no attack changed anything, so a ca
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections import Counter
@@ -471,8 +472,7 @@ def run_deployment(workdir, model: str, progress: Callable[[str], None] | None =
                          ("server", server, server_out)]:
         if p.returncode != 0:
             raise SiloTuneError(f"{name} exited with {p.returncode}: {out[-2000:]}")
-    losses = [float(line.rsplit(" ", 1)[1]) for out in outputs for line in out.splitlines()
-              if line.startswith("client ") and " loss " in line]
+    losses = [float(m.group(1)) for out in outputs for m in re.finditer(r"client \d+ step \d+ loss (\S+)", out)]
     expected = honest_reference(cfg, absent={2})
     got = {f"client-{k}": load_file(workdir / "net" / f"client-{k}" / "adapters.safetensors") for k in (0, 1)}
     got["trunk"] = load_file(workdir / "net" / "server" / "trunk.safetensors")

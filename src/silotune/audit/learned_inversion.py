@@ -29,12 +29,19 @@ from .knowledge import AttackerKnowledge
 @dataclass
 class LearnedSettings:
     width: int = 256
+    """The hidden width of the inversion transformer."""
     layers: int = 2
+    """Its transformer layers."""
     heads: int = 4
+    """Its attention heads."""
     steps: int = 300
+    """Its training steps on the attacker's public text."""
     batch_size: int = 32
+    """Public sequences per training step."""
     lr: float = 2e-3
-    negatives: int = 2048  # random vocabulary rows per step besides the batch's own tokens
+    """The peak learning rate (AdamW, one-cycle schedule)."""
+    negatives: int = 2048
+    """Random vocabulary rows per step besides the batch's own tokens (sampled softmax)."""
 
 
 class InversionModel(nn.Module):

@@ -22,7 +22,9 @@ from ..models.partition import Stage
 @dataclass
 class OptimisationSettings:
     steps: int = 100
+    """Adam steps on the unknown input embeddings."""
     lr: float = 0.02
+    """The learning rate, relative to the mean norm of the embedding matrix's rows."""
 
 
 def optimise_invert(head: Stage, h1: torch.Tensor, lengths: torch.Tensor, embedding: torch.Tensor,

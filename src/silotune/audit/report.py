@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..atomic import atomic_path, atomic_write
 from ..privacy import PrivacySettings
-from ..report import machine
+from ..report import machine, pyplot
 from .settings import AuditConfig
 
 BASELINES = ("baseline: most frequent token", "baseline: unigram sampling")
@@ -160,10 +160,9 @@ def points_table(results: list[dict]) -> list[str]:
 
 
 def plot(results: list[dict], audit: AuditConfig, path: Path, recommended: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    if plt is None:  # matplotlib is an extra: logged once, no plot
+        return
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, r in enumerate(results, 1):  # numbered points, names in the legend: clusters stay readable

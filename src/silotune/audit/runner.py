@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, load_config, to_dict
-from ..data import load_task
+from ..data.settings import load_configured_task
 from ..errors import ConfigError
 from ..models.loading import load_tokenizer, resolve_model
 from ..models.masks import valid_mask
@@ -97,7 +97,7 @@ def auxiliary(cfg: RunConfig, tok, task, n: int) -> tuple[list[list[int]], list]
     if cfg.data.max_train is None:
         raise ConfigError("audit: data.max_train must be set so that public auxiliary text disjoint from the "
                           "clients' data remains (e.g. --set data.max_train=2000)")
-    full = load_task(cfg.data.task, seed=cfg.train.seed, max_test=cfg.data.max_test, choices=cfg.data.choices)
+    full = load_configured_task(cfg.data, cfg.train.seed, all_train=True)
     spare = full.train[len(task.train):][:n]
     if not spare:
         raise ConfigError(f"audit: task {task.spec.name} has no examples beyond data.max_train={cfg.data.max_train} "

@@ -22,33 +22,53 @@ POINTS = ("start", "middle", "end")
 
 @dataclass
 class SearchSettings:
-    shortlist: int = 64  # candidates per position from the head's context-free token signatures
-    learned_shortlist: int = 32  # extra candidates from the learned model (search+learned)
+    shortlist: int = 64
+    """Candidates per position from the head's context-free token signatures."""
+    learned_shortlist: int = 32
+    """Extra candidates per position from the learned inversion model (``search+learned``)."""
 
 
 @dataclass
 class AttackSettings:
     search: SearchSettings = field(default_factory=SearchSettings)
+    """Exact search with the public (and the aggregated) head: ``search`` and ``search+learned``."""
     learned: LearnedSettings = field(default_factory=LearnedSettings)
+    """The learned inversion model mapping ``h1`` back to tokens: ``learned``."""
     optimisation: OptimisationSettings = field(default_factory=OptimisationSettings)
+    """Optimising input embeddings through the head to match ``h1``: ``optimisation``."""
     gradient: GradientSettings = field(default_factory=GradientSettings)
+    """Label and target recovery from the returned ``dL/dh2``: ``gradient``."""
 
 
 @dataclass
 class AuditConfig:
     base: str = "rotten_tomatoes.yaml"
+    """The run configuration audited (a path relative to the audit file)."""
     set: list[str] = field(default_factory=list)
+    """Run-config overrides (``key=value``) for every audited run, e.g. a shorter budget."""
     defences: dict[str, list[str]] = field(default_factory=lambda: {"none": []})
+    """Defence name -> the run-config overrides that make it (``[]``: none)."""
     attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
+    """Any of ``embedding``, ``search``, ``learned``, ``optimisation``, ``search+learned``, ``gradient``."""
     points: list[str] = field(default_factory=lambda: list(POINTS))
-    victims: int = 1  # clients whose recorded batches are attacked
-    aux_examples: int = 2000  # public auxiliary examples (disjoint from every client's data)
+    """When the server's view is recorded: any of ``start``, ``middle``, ``end`` of training."""
+    victims: int = 1
+    """Clients whose recorded batches are attacked."""
+    aux_examples: int = 2000
+    """Public auxiliary examples for the attacker, disjoint from every client's data (the run must leave that many
+    training examples unused: set ``data.max_train``)."""
     attack: AttackSettings = field(default_factory=AttackSettings)
-    target_rougeL: float = 0.20  # the recommendation's leakage target (best attack's ROUGE-L F1)
-    max_accuracy_drop: float = 1.5  # the recommendation's utility budget (points below the undefended run)
-    reference: str = "none"  # the undefended defence the others are compared with
+    """The attacks' own settings."""
+    target_rougeL: float = 0.20
+    """The recommendation's leakage target: the best attack's ROUGE-L F1 on the private text."""
+    max_accuracy_drop: float = 1.5
+    """The recommendation's utility budget: accuracy points below the ``reference`` run."""
+    reference: str = "none"
+    """The undefended defence the others are compared with."""
     output: str = "runs/audit"
-    base_path: Path | None = None  # resolved path of ``base`` (set by the loader)
+    """Where the tables, the plot, the report and ``audit.json`` go."""
+    base_path: Path | None = field(default=None, metadata={"internal": True})
+    """The resolved path of ``base``, set by the loader (not a key of the file)."""
 
 
 def load_audit(path: str | Path, overrides: list[str] = ()) -> AuditConfig:

@@ -2,9 +2,10 @@
 
 Each update carries the number of examples the client trained on in that round (the
 FedAvg weight; the server refuses more than a round can hold). It yields
-``("step", loss)`` after every local step, ``("pushed", round)`` after sending its
-update and ``("wait", round)`` while the round's average is not ready. A client process
-simply runs it to the end (sleeping on "wait").
+``("step", Step(loss, seconds))`` after every local step, ``("pushed", round)`` after
+sending its update, ``("wait", round)`` while the round's average is not ready and
+``("averaged", round)`` once it has loaded it. A client process simply runs it to the
+end (sleeping on "wait").
 
 ``run_concurrently`` is the simulation's driver: one thread per client, each running
 this loop against the server, so the server's schedule (not the driver) decides which
@@ -15,10 +16,18 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from ..protocol.messages import Control
 from .runtime import SplitClient
+
+
+class Step(NamedTuple):
+    """One local step's training loss and wall time (seconds, the whole split step)."""
+
+    loss: float
+    seconds: float
 
 
 def client_run(client: SplitClient, batches: Iterator[dict], steps: int, local_steps: int,
@@ -28,10 +37,12 @@ def client_run(client: SplitClient, batches: Iterator[dict], steps: int, local_s
         num_examples = 0
         for _ in range(min(local_steps, steps - done)):
             batch = next(batches)
+            start = time.perf_counter()
             loss = client.train_step(batch)
+            seconds = time.perf_counter() - start
             num_examples += batch["input_ids"].shape[0]
             done += 1
-            yield "step", loss
+            yield "step", Step(loss, seconds)
         client.push_update(round_, num_examples)
         pushed_in = client.transport.epoch
         yield "pushed", round_
@@ -40,15 +51,18 @@ def client_run(client: SplitClient, batches: Iterator[dict], steps: int, local_s
                 client.push_update(round_, num_examples)
                 pushed_in = client.transport.epoch
             yield "wait", round_
+        yield "averaged", round_
         round_ += 1
 
 
 def run_concurrently(clients: list[SplitClient], streams: list, steps: int, local_steps: int,
-                     on_step=None, poll: float = 0.002) -> list[list[float]]:
+                     on_event: Callable[[SplitClient, str, object], None] | None = None,
+                     poll: float = 0.002) -> list[list[float]]:
     """Run every client's loop in its own thread, as separate processes would, and say goodbye at the
-    end; returns each client's losses. ``on_step(client_id, loss)`` is called after every step (from the
-    client's thread). The server's schedule decides the order of the steps, so a schedule that waits for
-    several clients (client-batch) gets them; if one client fails, the others stop and its error is raised."""
+    end; returns each client's losses. ``on_event(client, event, value)`` sees every event of its loop but
+    "wait" (from the client's thread): ``("step", Step)``, ``("pushed", round)``, ``("averaged", round)``.
+    The server's schedule decides the order of the steps, so a schedule that waits for several clients
+    (client-batch) gets them; if one client fails, the others stop and its error is raised."""
     losses: list[list[float]] = [[] for _ in clients]
     errors: list[BaseException] = []
     failed = threading.Event()
@@ -60,11 +74,11 @@ def run_concurrently(clients: list[SplitClient], streams: list, steps: int, loca
                 if failed.is_set():
                     raise RuntimeError("stopped: another client failed")
                 if event == "step":
-                    losses[k].append(value)
-                    if on_step is not None:
-                        on_step(client.id, value)
-                elif event == "wait":
+                    losses[k].append(value.loss)
+                if event == "wait":
                     time.sleep(poll)
+                elif on_event is not None:
+                    on_event(client, event, value)
             client.finish()
         except BaseException as exc:
             if not failed.is_set():

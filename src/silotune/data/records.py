@@ -1,13 +1,15 @@
 """Row-level file I/O: read JSONL/CSV rows with 1-based line numbers, write JSONL atomically.
 
 Every failure is a :class:`~silotune.errors.DataError` whose message names the file
-and, where there is one, the line.
+and, where there is one, the line. Blank lines are skipped; CSV rows whose every field is
+blank are skipped too, with one warning line counting them.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,6 +18,8 @@ from silotune.atomic import atomic_path
 from silotune.errors import DataError
 
 Row = tuple[int, dict]  # (1-based line number where the row starts, its fields)
+
+log = logging.getLogger(__name__)
 
 
 def _open_text(path: Path, newline: str | None = None):
@@ -61,6 +65,7 @@ def iter_csv(path: str | os.PathLike) -> Iterator[Row]:
     with _open_text(path, newline="") as fh:
         reader = csv.reader(fh)
         next_start = 1
+        blank: list[int] = []  # rows with fields that are all blank (",,"), skipped
         try:
             try:
                 header = next(reader)
@@ -80,11 +85,15 @@ def iter_csv(path: str | os.PathLike) -> Iterator[Row]:
                 try:
                     fields = next(reader)
                 except StopIteration:
+                    _warn_blank_rows(path, blank)
                     return
                 except csv.Error as exc:
                     raise DataError(f"data file {path} line {start}: malformed CSV ({exc})") from None
                 next_start = reader.line_num + 1
-                if not fields or all(not f.strip() for f in fields):
+                if not fields:
+                    continue
+                if all(not f.strip() for f in fields):
+                    blank.append(start)
                     continue
                 if len(fields) != len(header):
                     raise DataError(
@@ -93,6 +102,12 @@ def iter_csv(path: str | os.PathLike) -> Iterator[Row]:
                 yield start, dict(zip(header, fields, strict=True))
         except UnicodeDecodeError:
             raise DataError(f"data file {path} near line {next_start}: not valid UTF-8 text") from None
+
+
+def _warn_blank_rows(path: Path, lines: list[int]) -> None:
+    if lines:
+        log.warning("data file %s: skipped %d CSV row%s whose fields are all blank (first: line %d)", path,
+                    len(lines), "" if len(lines) == 1 else "s", lines[0])
 
 
 def iter_rows(path: str | os.PathLike) -> Iterator[Row]:

@@ -34,13 +34,21 @@ keep prefixes, so a seed's test set never depends on ``max_train``. By default
 presuppositions_as_nli: 146, xsum: 200); ``test_size`` or ``test_fraction`` override it.
 Template fields are cut to ``max_chars`` characters (default 2000, at a word boundary,
 marked with ``" ..."``); targets are never cut.
+
+Nothing is dropped or cut without a word: ``load_task`` logs one warning line (naming the
+file, what happened and how many) when fields were cut to ``max_chars``, when a class has
+no training or no test example after the split (a class needs two examples to be in both),
+or when a choice has no example at all; :mod:`silotune.data.userfile` warns about repeated
+rows and :mod:`silotune.data.records` about skipped blank CSV rows.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import string
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +60,22 @@ from silotune.errors import DataError
 DEFAULT_MAX_CHARS = 2000
 DEFAULT_TEST_FRACTION = 0.2
 DEFAULT_MAX_TEST = 1000
+
+log = logging.getLogger(__name__)
+
+
+def template_fields(template: str) -> list[str]:
+    """The record fields a ``str.format`` template reads; ValueError if it is malformed or uses
+    positional (``{}``, ``{0}``) or dotted/indexed (``{a.b}``, ``{a[0]}``) fields."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"the template must be a non-empty string, got {template!r}")
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"bad template {template!r} ({exc})") from None
+    if not all(n.isidentifier() for n in names):
+        raise ValueError(f"template fields must be plain names, like {{text}}: {template!r}")
+    return names
 
 
 @dataclass
@@ -87,16 +111,19 @@ class TaskSpec:
         if self.kind == "generation" and not self.target_field:
             raise ValueError(f"task {self.name}: generation needs a target_field")
         try:
-            names = [f for _, f, _, _ in string.Formatter().parse(self.template) if f is not None]
+            template_fields(self.template)
         except ValueError as exc:
-            raise ValueError(f"task {self.name}: bad template {self.template!r} ({exc})") from None
-        if not all(n.isidentifier() for n in names):
-            raise ValueError(f"task {self.name}: template fields must be named, like {{text}}: {self.template!r}")
+            raise ValueError(f"task {self.name}: {exc}") from None
 
     @property
     def fields(self) -> list[str]:
         """Record fields the template uses."""
-        return [f for _, f, _, _ in string.Formatter().parse(self.template) if f]
+        return template_fields(self.template)
+
+    @property
+    def label_names(self) -> list[str]:
+        """The choices without their leading space, as reports name the classes."""
+        return [c.strip() for c in self.choices]
 
     def example(self, record: dict, *, max_chars: int | None = DEFAULT_MAX_CHARS, where: str = "record") -> Example:
         """The Example for one record; DataError naming ``where`` if a field is missing or wrong."""
@@ -125,6 +152,13 @@ class TaskData:
     spec: TaskSpec
     train: list[Example] = field(default_factory=list)
     test: list[Example] = field(default_factory=list)
+
+    def label_counts(self, indices: list[int] | None = None) -> dict[str, int]:
+        """Training examples per class name (of ``indices`` into ``train``, default all), every class
+        listed in choice order; empty for a generation task."""
+        examples = self.train if indices is None else [self.train[i] for i in indices]
+        counts = Counter(e.label for e in examples)
+        return {name: counts.get(k, 0) for k, name in enumerate(self.spec.label_names)}
 
 
 BUILTIN_TASKS: dict[str, TaskSpec] = {
@@ -176,8 +210,9 @@ def _is_builtin(name: object) -> bool:
     return isinstance(name, str) and (name in BUILTIN_TASKS or name in ALIASES)
 
 
-def _load_records(name_or_path, choices, template) -> tuple[TaskSpec, list[tuple[str, dict]]]:
-    """The task's spec and its records, each with a location for error messages."""
+def _load_records(name_or_path, choices, template) -> tuple[TaskSpec, list[tuple[str, dict]], str]:
+    """The task's spec, its records (each with a location for error messages) and how messages name it
+    (``task NAME`` for a built-in task, ``data file PATH`` for a user file)."""
     if _is_builtin(name_or_path):
         if choices is not None:
             raise ValueError(f"choices apply to user data files, not to built-in task {name_or_path!r}")
@@ -200,7 +235,44 @@ def _load_records(name_or_path, choices, template) -> tuple[TaskSpec, list[tuple
         records = [(f"data file {path} line {line}", row) for line, row in rows]
     if template is not None:
         spec = TaskSpec(spec.name, spec.kind, spec.choices, template, spec.target_field, spec.target_prefix)
-    return spec, records
+    return spec, records, f"task {spec.name}" if _is_builtin(name_or_path) else f"data file {path}"
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n:,} {word}" if n == 1 else f"{n:,} {plural or word + 's'}"
+
+
+def _warn_cut_fields(spec: TaskSpec, records: list[tuple[str, dict]], max_chars: int | None, source: str) -> None:
+    """One warning counting the records whose template fields were cut to ``max_chars``."""
+    if max_chars is None:
+        return
+    sizes = [max(len(row[f]) for f in spec.fields) for _, row in records if spec.fields]
+    over = [n for n in sizes if n > max_chars]
+    if over:
+        log.warning("%s: %s had a field longer than the %s-character cap (data.max_field_chars) and were cut "
+                    "to it; the longest field had %s characters", source, _plural(len(over), "row"),
+                    f"{max_chars:,}", f"{max(over):,}")
+
+
+def _warn_class_coverage(spec: TaskSpec, labels: list[int], train: list[int], test: list[int], source: str) -> None:
+    """Warnings for choices with no example, and classes absent from the training or the test set."""
+    names = spec.label_names
+    total = Counter(labels)
+    in_train = Counter(labels[i] for i in train)
+    in_test = Counter(labels[i] for i in test)
+    empty = [names[k] for k in range(len(names)) if not total[k]]
+    if empty:
+        log.warning("%s: %s of %d choices %s no example: %s", source, len(empty), len(names),
+                    "has" if len(empty) == 1 else "have", ", ".join(map(repr, empty)))
+    for where, counts, effect in (("training", in_train, "the model never learns it"),
+                                  ("test", in_test, "it is never evaluated")):
+        missing = [k for k in sorted(total) if not counts[k]]
+        if missing:
+            listed = ", ".join(f"{names[k]!r} ({_plural(total[k], 'example')} in all)" for k in missing)
+            hint = "; a class needs 2 examples to be in both train and test" if min(total[k] for k in missing) < 2 \
+                else ""
+            log.warning("%s: %s no %s example (%s%s): %s", source, _plural(len(missing), "class has", "classes have"),
+                        where, effect, hint, listed)
 
 
 def load_task(
@@ -233,10 +305,10 @@ def load_task(
     if max_chars is not None and max_chars < 8:
         raise ValueError(f"max_chars must be at least 8 (or None), got {max_chars}")
 
-    spec, records = _load_records(name_or_path, choices, template)
+    spec, records, source = _load_records(name_or_path, choices, template)
     examples = [spec.example(row, max_chars=max_chars, where=where) for where, row in records]
+    _warn_cut_fields(spec, records, max_chars, source)
     n = len(examples)
-    source = f"task {spec.name}"
     if n < 2:
         raise DataError(f"{source}: need at least 2 examples to split into train and test, found {n}")
     if test_size is not None:
@@ -252,4 +324,6 @@ def load_task(
         train_idx = train_idx[:max_train]
     if max_test is not None:
         test_idx = test_idx[:max_test]
+    if spec.kind == "classification":
+        _warn_class_coverage(spec, [e.label for e in examples], train_idx, test_idx, source)
     return TaskData(spec, [examples[i] for i in train_idx], [examples[i] for i in test_idx])

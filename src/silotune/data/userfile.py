@@ -11,10 +11,16 @@ then an error. Other fields are ignored.
 
 Output records are ``{"text", "label": int}`` or ``{"prompt", "target"}``, each with
 the 1-based line it came from, so later errors can still point into the file.
+
+Rows are all kept, but repeats are reported (one warning line each, naming the file, the
+count and the first case): rows whose text (prompt) and label (target) repeat an earlier
+row's, which can land in both the training and the test set, and texts that appear with
+different labels.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -22,6 +28,8 @@ from silotune.data.records import iter_rows
 from silotune.errors import DataError
 
 _INT = re.compile(r"[+-]?\d+")
+
+log = logging.getLogger(__name__)
 
 
 def normalize_choices(choices: list[str]) -> list[str]:
@@ -66,6 +74,28 @@ def _label_index(label: object, choices: list[str], at: str) -> int:
     return label
 
 
+def warn_repeats(path: Path, records: list[tuple[int, dict]], key: str, value: str) -> None:
+    """Warn (one line each) about rows repeating an earlier row's ``key`` and ``value``, and about
+    ``key`` texts that come with different ``value``s."""
+    first: dict[str, tuple[int, object]] = {}
+    repeats, conflicts = [], []
+    for line, row in records:
+        seen = first.setdefault(row[key], (line, row[value]))
+        if seen[0] != line:
+            (repeats if seen[1] == row[value] else conflicts).append((line, seen[0]))
+    if repeats:
+        line, earlier = repeats[0]
+        log.warning("data file %s: %d row%s repeat%s an earlier row's %s and %s (first: line %d repeats line %d); "
+                    "they are kept, and a repeat can land in both the training and the test set", path,
+                    len(repeats), "" if len(repeats) == 1 else "s", "s" if len(repeats) == 1 else "", key, value,
+                    line, earlier)
+    if conflicts:
+        line, earlier = conflicts[0]
+        log.warning("data file %s: %d row%s repeat%s an earlier row's %s with a different %s (first: line %d, "
+                    "against line %d); both are kept", path, len(conflicts), "" if len(conflicts) == 1 else "s",
+                    "s" if len(conflicts) == 1 else "", key, value, line, earlier)
+
+
 def read_user_file(path: str | Path, choices: list[str] | None = None) -> tuple[str, list[str], list[tuple[int, dict]]]:
     """``(kind, choices, [(line, record), ...])`` of a user ``.jsonl``/``.csv`` file (see module doc)."""
     path = Path(path)
@@ -80,6 +110,7 @@ def read_user_file(path: str | Path, choices: list[str] | None = None) -> tuple[
         for line, row in rows:
             at = f"data file {path} line {line}"
             out.append((line, {"prompt": _text_field(row, "prompt", at), "target": _text_field(row, "target", at)}))
+        warn_repeats(path, out, "prompt", "target")
         return kind, [], out
     texts = []
     for line, row in rows:
@@ -106,4 +137,5 @@ def read_user_file(path: str | Path, choices: list[str] | None = None) -> tuple[
     for (line, row), text in zip(rows, texts, strict=True):
         label = _label_index(row["label"], choices, f"data file {path} line {line}")
         out.append((line, {"text": text, "label": label}))
+    warn_repeats(path, out, "text", "label")
     return kind, choices, out

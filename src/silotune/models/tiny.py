@@ -1,4 +1,7 @@
-"""Tiny randomly initialised models of every supported architecture, for fast tests and demos."""
+"""Tiny randomly initialised models of every supported architecture, for fast tests and demos.
+
+Each has hidden size 32 and 5 blocks; families with sliding-window attention get a 4-token window.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,18 @@ _TINY = {
     "mistral": dict(_COMMON, sliding_window=None),
     "qwen2": dict(_COMMON),
     "gpt2": dict(n_embd=32, n_layer=5, n_head=4, n_positions=256, n_inner=64),
+    "qwen3": dict(_COMMON, head_dim=8),
+    "olmo2": dict(_COMMON, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # the sliding windows are 4 tokens, so that test sequences (9 tokens) run past them
+    "phi3": dict(_COMMON, sliding_window=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    # Gemma: head_dim is its own setting; larger initial weights and small soft-caps, so that the caps (and the
+    # embedding scale, the window, the local/global rope) change a random model's outputs by far more than 1e-5
+    "gemma2": dict(_COMMON, head_dim=8, sliding_window=4, query_pre_attn_scalar=8, initializer_range=0.1,
+                   attn_logit_softcapping=2.0, final_logit_softcapping=3.0),
+    "gemma3_text": dict(_COMMON, head_dim=8, sliding_window=4, query_pre_attn_scalar=8, initializer_range=0.1,
+                        final_logit_softcapping=3.0,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                     "sliding_attention", "full_attention"]),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 

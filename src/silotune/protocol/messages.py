@@ -42,11 +42,18 @@ class Message:
 
 @dataclass
 class ForwardActivations(Message):
-    """Client -> server: the head's output ``h1`` (B, T, H) and per-sample lengths."""
+    """Client -> server: the head's output ``h1`` (B, T, H) and per-sample lengths.
+
+    Split generation (``train`` false) may name a ``cache``: a request id under which the server keeps the
+    keys and values of its blocks for this client (``server/caches.py``), so that each decode step sends one
+    hidden vector per sequence. ``past``: the slots the client knows the cache holds (0 opens it); the
+    server refuses a step that does not continue its cache."""
 
     hidden: torch.Tensor = None
     lengths: torch.Tensor = None
     train: bool = True
+    cache: int = bounded(0, 2**31 - 1, default=0)
+    past: int = bounded(0, 2**31 - 1, default=0)
     kind: ClassVar[str] = "forward"
 
 
@@ -78,14 +85,15 @@ class Aggregation(Message):
 
 @dataclass
 class Control(Message):
-    """Session control: ``ack``, ``fetch_aggregate`` (payload: round), ``bye``, ``error``.
+    """Session control: ``ack``, ``fetch_aggregate`` (payload: round), ``bye``, ``release`` (payload: cache, a
+    generation request's id), ``error``.
 
     The payload holds at most 16 JSON scalars under string keys; a ``round`` in it is an
     integer, -1 meaning "none yet".
     """
 
     command: str = field(default="ack", metadata={"max_chars": 64})
-    payload: dict = field(default_factory=dict, metadata={"bounds": {"round": (-1, 2**31)}})
+    payload: dict = field(default_factory=dict, metadata={"bounds": {"round": (-1, 2**31), "cache": (0, 2**31 - 1)}})
     kind: ClassVar[str] = "control"
 
 

@@ -33,14 +33,27 @@ SEALED_OVERHEAD = 16 << 10  # a sealed message's header, JSON and tag beyond its
 class BoundarySettings:
     """The ``boundary:`` config section: the largest batch and sequence a client may send."""
 
-    max_batch: int | None = None  # None: the run's largest batch (train.batch_size, train.eval_batch_size)
-    max_length: int | None = None  # None: data.max_length, capped by the model's context length
+    max_batch: int | None = None
+    """The largest batch a client may send; null: the run's largest (``train.batch_size``, ``train.eval_batch_size``)."""
+    max_length: int | None = None
+    """The longest sequence a client may send; null: ``data.max_length``, capped by the model's context length."""
+    max_generations: int = 2
+    """The generation caches one client may hold on the server at once."""
+    cache_mb: float = 512.0
+    """The memory the server's generation caches may take, all clients together (MiB)."""
+    cache_idle_seconds: float = 120.0
+    """A generation cache unused this long (seconds) is dropped."""
 
     def validate(self, bad) -> None:
         for key in ("max_batch", "max_length"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 bad(f"boundary.{key}", "must be at least 1 (or null for the run's own value)")
+        if self.max_generations < 0:
+            bad("boundary.max_generations", "must be at least 0 (0: no cached generation)")
+        for key in ("cache_mb", "cache_idle_seconds"):
+            if not getattr(self, key) > 0:
+                bad(f"boundary.{key}", "must be positive")
 
 
 @dataclass
@@ -51,6 +64,9 @@ class Limits:
     max_length: int
     hidden: int
     max_examples: int | None = None  # per FedAvg update: the examples a client can train on in one round
+    max_generations: int = 2  # live generation caches per client
+    cache_bytes: int = 512 << 20  # generation caches, all clients together
+    cache_idle_seconds: float = 120.0
 
     @classmethod
     def resolve(cls, settings: BoundarySettings, model_config, batch_size: int, eval_batch_size: int,
@@ -59,7 +75,9 @@ class Limits:
                    or getattr(model_config, "n_positions", None) or max_length)
         max_batch = settings.max_batch or max(batch_size, eval_batch_size)
         return cls(max_batch=max_batch, max_length=min(settings.max_length or max_length, context),
-                   hidden=model_config.hidden_size, max_examples=local_steps * max_batch)
+                   hidden=model_config.hidden_size, max_examples=local_steps * max_batch,
+                   max_generations=settings.max_generations, cache_bytes=int(settings.cache_mb * (1 << 20)),
+                   cache_idle_seconds=settings.cache_idle_seconds)
 
     @classmethod
     def unbounded(cls, model_config) -> Limits:

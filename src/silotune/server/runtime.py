@@ -95,10 +95,11 @@ class TrunkRuntime:
         return self.compute.inputs(torch.cat(hs)), self.compute.to_device(lengths), rows
 
     @torch.no_grad()
-    def infer(self, h1: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Evaluation: ``h2`` without keeping a graph or touching the optimizer."""
+    def infer(self, h1: torch.Tensor, lengths: torch.Tensor, cache=None) -> torch.Tensor:
+        """Evaluation and generation: ``h2`` without keeping a graph or touching the optimizer; with a ``cache``
+        (``models.kvcache.KVCache``) the tokens continue the cached ones and are appended to it."""
         with self.lock:
-            return _wire(self.trunk(self.compute.inputs(h1), self.compute.to_device(lengths)))
+            return _wire(self.trunk(self.compute.inputs(h1), self.compute.to_device(lengths), cache))
 
     def forward(self, parts: list[Part]) -> Pass:
         """One trunk pass over the parts' concatenated ``h1``; parts whose rows overflow are refused."""

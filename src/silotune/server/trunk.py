@@ -30,6 +30,7 @@ from ..tee.channel import as_tensor as _u8
 from . import checkpoint as ckpt
 from .aggregation import Aggregator
 from .boundary import Boundary
+from .caches import GenerationCaches
 from .presence import Presence
 from .runtime import Part, TrunkRuntime
 from .schedules import Schedule
@@ -49,11 +50,14 @@ class TrunkServer:
         aggregator.expected = lambda: set(self.schedule.active)  # a round waits for the clients in the rotation
         aggregator.participants = lambda: set(self.schedule.members) - self.presence.finished
         self.presence = Presence(schedule.members)
+        # split generation's trunk caches (none in an enclave: its sealed forwards carry no cache)
+        self.caches = None if getattr(runtime, "sealed", False) else GenerationCaches(boundary, runtime.trunk)
         self.replicas = replicas
         if replicas is not None:
             replicas.attach(runtime, aggregator)
         self.checkpoint = checkpoint
         self.finished = threading.Event()  # set once every client has said goodbye
+        self.on_round = None  # an observer (experiment tracking): on_round(round_) once a round is averaged and saved
         if checkpoint is not None and (found := ckpt.load_latest(Path(checkpoint))) is not None:
             self.restore(found[0])  # load_latest falls back to checkpoint.prev when the latest is corrupt
 
@@ -89,6 +93,11 @@ class TrunkServer:
                                        f"{msg.kind} in the clear to a trunk in an enclave: seal it to the enclave")
         if isinstance(msg, ForwardActivations):
             self.boundary.activations(msg.client, msg.step, msg.hidden, msg.lengths)
+            if msg.cache:
+                return ReturnedActivations(msg.client, msg.step, hidden=self._generate(msg))
+            if msg.past:
+                raise self.boundary.refuse("malformed", f"client {msg.client} step {msg.step}",
+                                           "a forward without a generation cache cannot continue one (past > 0)")
             if not msg.train:
                 return ReturnedActivations(msg.client, msg.step, hidden=self.runtime.infer(msg.hidden, msg.lengths))
             h2 = self.schedule.forward(Part(msg.client, msg.step, msg.hidden, msg.lengths))
@@ -102,11 +111,37 @@ class TrunkServer:
             self.schedule.rejoin(msg.client)
         if isinstance(msg, Control) and msg.command == "bye":
             self.schedule.leave(msg.client)
+            if self.caches is not None:
+                self.caches.release(msg.client)
+        if isinstance(msg, Control) and msg.command == "release":
+            return self._release(msg)
+        if isinstance(msg, Control) and msg.command == "trained":  # done training, still evaluating: no turn for it
+            self.schedule.leave(msg.client)
+            return Control(msg.client, msg.step, command="ack")
         with self.lock:
             reply = self._control(msg)
         if isinstance(reply, Control) and reply.command == "not_ready":
             self.schedule.check_stale()
         return reply
+
+    def _generate(self, msg: ForwardActivations):
+        """One prefill or decode step of a client's split generation, on its request's trunk cache."""
+        where = f"client {msg.client} step {msg.step}"
+        if msg.train:
+            raise self.boundary.refuse("malformed", where, "a training forward cannot use a generation cache")
+        if self.caches is None or self.boundary.limits.max_generations == 0:
+            raise self.boundary.refuse("unexpected", where, "this server keeps no generation caches "
+                                       "(boundary.max_generations: 0): generate without a cache")
+        return self.caches.run(msg.client, msg.step, msg.cache, msg.past, msg.hidden, msg.lengths, self.runtime.infer)
+
+    def _release(self, msg: Control) -> Control:
+        """A client ends a generation request: its trunk cache goes (releasing an unknown one is harmless)."""
+        request = msg.payload.get("cache")
+        if not isinstance(request, int) or isinstance(request, bool):
+            raise self.boundary.refuse("malformed", f"client {msg.client}", "release names no generation cache")
+        if self.caches is not None:
+            self.caches.release(msg.client, request)
+        return Control(msg.client, msg.step, command="ack")
 
     def _enclave(self, msg: EnclaveMessage) -> EnclaveMessage:
         """TEE mode: relay a client's hello, sealed activations or sealed gradients to the enclave, unread."""
@@ -146,7 +181,9 @@ class TrunkServer:
             raise
 
     def _on_drop(self, client: int) -> None:
-        """A client was dropped: rounds it held up may now complete."""
+        """A client was dropped: rounds it held up may now complete; its generation caches go."""
+        if self.caches is not None:
+            self.caches.release(client)
         with self.lock:
             for round_ in self.aggregator.recheck():
                 self._round_done(round_)
@@ -160,6 +197,8 @@ class TrunkServer:
         log.info("round %d averaged", round_)
         if self.checkpoint is not None:
             ckpt.save(Path(self.checkpoint), self.state_dict())
+        if self.on_round is not None:
+            self.on_round(round_)
 
     def state_dict(self) -> dict:
         return {**self.runtime.state_dict(), **self.aggregator.state_dict()}

@@ -234,6 +234,9 @@ class EnclaveSessions:
             self.boundary.activations(sealed.client, sealed.step, msg.hidden, msg.lengths)
             if msg.train != sealed.train:
                 raise self.boundary.refuse("relay", where, "the host relayed a forward with the wrong train flag")
+            if msg.cache or msg.past:
+                raise self.boundary.refuse("unexpected", where, "an enclave keeps no generation caches: generate "
+                                           "without a cache")
         else:
             self.boundary.gradient(sealed.client, sealed.step, msg.grad, shape)
         if _shape(msg)[:2] != tuple(sealed.shape[:2]):

@@ -21,17 +21,35 @@ WORKERS = ("process", "inprocess")
 
 @dataclass
 class TeeSettings:
-    mode: str = "none"  # none | server (the trunk in a server-side enclave)
-    backend: str = "simulated"  # simulated: a separate OS process, no hardware protection
-    offload: bool = True  # the frozen trunk's linear layers go to the untrusted worker, masked
-    worker: str = "process"  # process (its own OS process) | inprocess (inside the enclave process: tests only)
-    precompute: bool = True  # refill the mask pool after each step, while the clients compute
-    mask_scale: float = 1e6  # mask standard deviation relative to the masked tensor's RMS (or the reference)
-    offload_dtype: str = "fp64"  # the worker's arithmetic: fp64 keeps masked results exact to float32
-    scale_mode: str = "rms"  # rms | fixed
-    verify: bool = True  # check every product the worker returns (Freivalds) before it is used
-    release_trunk: bool = True  # the enclave hands its trained trunk adapters out at the end (the report's file)
-    timeout: float = 600.0  # seconds one request to the enclave may take before it counts as dead
+    mode: str = "none"
+    """``none``, or ``server``: the trunk runs in a server-side enclave (sequential or client-batch schedule), in
+    ``simulate`` and in deployments."""
+    backend: str = "simulated"
+    """The enclave backend; only ``simulated``: a separate OS process whose quotes a local platform key signs, with no
+    hardware protection."""
+    offload: bool = True
+    """Send the frozen trunk's linear products to the untrusted worker, masked; false keeps everything in the enclave."""
+    worker: str = "process"
+    """``process``: the worker is its own OS process; ``inprocess``: inside the enclave process (tests only)."""
+    precompute: bool = True
+    """After each step the enclave refills its pool of mask products for the next steps, while the clients compute."""
+    mask_scale: float = 1e6
+    """The masks' standard deviation relative to the masked tensor's RMS (``scale_mode: rms``) or to the fixed
+    reference."""
+    offload_dtype: str = "fp64"
+    """The worker's arithmetic: ``fp64`` keeps masked results exact to float32 at any mask scale up to 1e6; ``fp32``
+    loses about 5e-7 x the scale, relative."""
+    scale_mode: str = "rms"
+    """``rms``: masks scale with each tensor's RMS (rounded up to a power of two: the worker learns its binade);
+    ``fixed``: a fixed reference scale."""
+    verify: bool = True
+    """Check every product the worker returns before it is used (Freivalds' check with a secret random vector); a
+    product that fails is refused, counted and never applied."""
+    release_trunk: bool = True
+    """The enclave hands its trained trunk adapters out at the end (checkpoints, the run's adapters file); false keeps
+    them inside: checkpoints hold them sealed, a deployment's server writes ``trunk.sealed``."""
+    timeout: float = 600.0
+    """Seconds one request to the enclave may take before the enclave counts as dead."""
 
     @property
     def enabled(self) -> bool:

@@ -11,8 +11,11 @@ from torch import nn
 @dataclass
 class OptimSettings:
     lr: float = 1e-3
+    """The AdamW learning rate of every party (and of the centralized run)."""
     weight_decay: float = 0.0
+    """AdamW's weight decay."""
     grad_clip: float | None = 1.0
+    """Each party clips the gradient norm of its own trainable parameters to this before each step; null: no clipping."""
 
 
 def trainable(*modules: nn.Module) -> list[nn.Parameter]:
