@@ -31,8 +31,8 @@ def parser() -> argparse.ArgumentParser:
         epilog="Run 'silotune COMMAND --help' for a command's options.")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("--log-level", choices=list(LOG_LEVELS),
-                           help="log messages at this level and above to stderr (default: info for server and "
-                           "client, warning for the other commands)")
+                           help="log messages at this level and above to stderr (default: info for server, client and "
+                           "generate, warning for the other commands)")
     verbosity.add_argument("-v", "--verbose", action="store_true", help="log debug details (--log-level debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -309,7 +309,7 @@ def cmd_tasks(args) -> int:
     return 0
 
 
-DEFAULT_LOG_LEVEL = {"server": "info", "client": "info"}
+DEFAULT_LOG_LEVEL = {"server": "info", "client": "info", "generate": "info"}
 """A deployment's processes show their operational messages by default; the other commands only warnings."""
 
 
