@@ -255,7 +255,7 @@ def test_the_host_relays_only_ciphertext_and_refuses_tensors_in_the_clear(tiny_c
         from silotune.generation import GenerateSettings, generate_ids, split_decoder
 
         seen.clear()  # generation in TEE mode: the whole prefix re-run through the sealed channel, no cache
-        gen = generate_ids(split_decoder(clients[0], sealed=True), ids, lengths, GenerateSettings(max_new_tokens=3),
+        gen = generate_ids(split_decoder(clients[0], use_cache=False), ids, lengths, GenerateSettings(max_new_tokens=3),
                            eos_ids=set())
         assert [len(t) for t in gen.tokens] == [3] * len(lengths)
         assert seen and all(isinstance(m, EnclaveMessage) and m.of == "forward" and not m.train for m in seen)

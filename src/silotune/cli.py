@@ -170,16 +170,18 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def flag_overrides(args, flags: dict[str, str]) -> list[str]:
+    """The ``--set`` overrides, then ``key=value`` for each of ``flags`` (flag -> config key) given on the line."""
+    return [*args.overrides, *(f"{key}={getattr(args, flag)}" for flag, key in flags.items()
+                               if getattr(args, flag) is not None)]
+
+
 def cmd_simulate(args) -> int:
     from .config import load_config
     from .report import score_line
     from .simulate import run
 
-    overrides = list(args.overrides)
-    for flag, key in FLAG_KEYS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
+    overrides = flag_overrides(args, FLAG_KEYS)
     if args.no_centralized:
         overrides.append("centralized=false")
     cfg = load_config(args.config, overrides)
@@ -286,9 +288,7 @@ def cmd_generate(args) -> int:
     from .config import load_config
     from .generation.cli import run_generate
 
-    overrides = list(args.overrides)
-    overrides += [f"{key}={getattr(args, flag)}" for flag, key in GENERATE_FLAGS.items()
-                  if getattr(args, flag) is not None]
+    overrides = flag_overrides(args, GENERATE_FLAGS)
     if args.sample:
         overrides.append("generate.do_sample=true")
     if args.no_cache:

@@ -181,6 +181,7 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False, keep_
     log.info("trunk on %s; schedule %s", compute.describe(), cfg.federation.schedule)
     log.info("silotune server (%s%s) listening on port %d (%sAEAD), waiting for clients %s", who,
              cfg.federation.schedule, port, channel, trunk.schedule.members)
+    out = None  # the trunk adapters' file, once written
     try:
         while not trunk.finished.wait(0.5):
             if trunk.presence.over(d.grace_seconds):  # the rest have been gone past the grace period
@@ -195,7 +196,7 @@ def serve(cfg: RunConfig, address: str | None = None, fresh: bool = False, keep_
         servicer.close()
         if replicas is not None and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    out = write_trunk(cfg, trunk, out_dir)
+    out = out or write_trunk(cfg, trunk, out_dir)
     presence = trunk.presence.report(d.grace_seconds)
     refused = servicer.refusals()
     summary = {"schedule": cfg.federation.schedule, "trunk_steps": trunk.steps,
@@ -342,7 +343,7 @@ def _evaluate_client(cfg: RunConfig, client: SplitClient, tok, task, tracker: Tr
     from .report import score_line
 
     metrics = evaluate(client.logits, tok, task, cfg.data.max_length, cfg.train.eval_batch_size,
-                       cfg.train.max_new_tokens, decoder=split_decoder(client, cfg.tee.enabled), progress=show,
+                       cfg.train.max_new_tokens, decoder=split_decoder(client, not cfg.tee.enabled), progress=show,
                        desc=f"client {client.id} evaluation")
     tracker.evaluation(step, metrics)
     log.info("client %d: %s on %d test examples", client.id, score_line(metrics), metrics["n"])

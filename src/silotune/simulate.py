@@ -131,7 +131,7 @@ def run_federated(cfg: RunConfig, model_dir: Path, tok, task, rows, parts, plan,
     curve = [losses[s] for s in range(plan["steps_per_client"]) for losses in client_losses if s < len(losses)]
     total_steps = sum(len(losses) for losses in client_losses)
     metrics = evaluate(clients[0].logits, tok, task, cfg.data.max_length, cfg.train.eval_batch_size,
-                       cfg.train.max_new_tokens, decoder=split_decoder(clients[0], cfg.tee.enabled),
+                       cfg.train.max_new_tokens, decoder=split_decoder(clients[0], not cfg.tee.enabled),
                        progress=progress, desc="evaluation (federated)")
     train_bytes = sum(w["up"] + w["down"] for w in wire)
     if cfg.tee.enabled:

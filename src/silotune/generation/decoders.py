@@ -146,12 +146,10 @@ class SplitDecoder:
         self.head_cache = self.tail_cache = None
 
 
-def split_decoder(client, sealed: bool = False) -> Decoder:
-    """A client's decoder: caches on every party, or (``sealed``: TEE mode, whose enclave keeps no cache)
-    the whole prefix re-run through the sealed channel at every step."""
-    if sealed:
-        return RecomputeDecoder(client.logits, pad_id=0)
-    return SplitDecoder(client)
+def split_decoder(client, use_cache: bool = True) -> Decoder:
+    """A client's decoder: caches on every party, or (``use_cache`` false; always in TEE mode, whose enclave keeps
+    no cache) the whole prefix re-run through the client's transport at every step."""
+    return SplitDecoder(client) if use_cache else RecomputeDecoder(client.logits, pad_id=0)
 
 
 __all__ = ["Decoder", "LocalDecoder", "RecomputeDecoder", "SplitDecoder", "split_decoder"]

@@ -54,6 +54,12 @@ class Generation:
                 "bytes_up": self.bytes_up, "bytes_down": self.bytes_down}
 
 
+def _history(seq: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(B, L) each row's prompt and generated tokens so far, right-padded."""
+    width = max(len(s) for s in seq)
+    return torch.tensor([s + [pad_id] * (width - len(s)) for s in seq])
+
+
 def _stopped_text(tok, new: list[int], stop: list[str], eos: set[int]) -> tuple[str, bool]:
     """The row's text so far, cut at the first stop string, and whether it hit one."""
     text = tok.decode([t for t in new if t not in eos], skip_special_tokens=True)
@@ -80,9 +86,7 @@ def generate_ids(decoder: Decoder, ids: torch.Tensor, lengths: torch.Tensor, set
     steps = 0
     try:
         for _ in range(settings.max_new_tokens):
-            width = max(len(s) for s in seq)
-            history = torch.tensor([s + [pad_id] * (width - len(s)) for s in seq])
-            chosen = choose(logits, history).tolist()
+            chosen = choose(logits, _history(seq, pad_id) if choose.reads_history else None).tolist()
             for i, t in enumerate(chosen):
                 if done[i]:
                     continue

@@ -87,9 +87,14 @@ class TokenChooser:
                 self.processors.append(TopPLogitsWarper(settings.top_p))
         self.generator = torch.Generator().manual_seed(settings.seed)
 
-    def __call__(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def reads_history(self) -> bool:
+        """Whether ``ids`` matter (the repetition penalty reads them): else the decoding loop need not build them."""
+        return self.settings.repetition_penalty != 1.0
+
+    def __call__(self, logits: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """``ids`` (B, L): each row's prompt and generated tokens so far (padding is the row's own pad token;
-        only the repetition penalty reads them)."""
+        only the repetition penalty reads them; None when ``reads_history`` is false)."""
         scores = self.processors(ids, logits.float())
         if not self.settings.do_sample:
             return scores.argmax(-1)

@@ -36,17 +36,15 @@ class Session:
     close: object = None  # callable ending the session
 
 
+def _use_cache(cfg: RunConfig) -> bool:
+    """Caches on every party unless the config turns them off; never with a trunk in an enclave (it keeps none)."""
+    return cfg.generate.use_cache and not cfg.tee.enabled
+
+
 def _max_length(cfg: RunConfig, model_dir: Path) -> int:
     from ..federation import run_limits
 
     return run_limits(cfg)(load_config(model_dir)).max_length
-
-
-def load_split(stages, adapters) -> None:
-    """Copy a run's trained tensors (``export.Adapters``: names in the full model) into the split stages."""
-    from ..export import load_trained
-
-    load_trained(list(stages), adapters)
 
 
 def simulated(cfg: RunConfig, run_dir: str | Path | None, which: str = "federated") -> Session:
@@ -54,12 +52,12 @@ def simulated(cfg: RunConfig, run_dir: str | Path | None, which: str = "federate
     import torch
 
     from ..compute import Compute
-    from ..export import read_source
+    from ..export import load_trained, read_source
     from ..federation import build_parties
     from ..protocol.codec import wire_dtype
 
     model_dir = resolve_model(cfg.model)
-    tok = load_tokenizer(model_dir)
+    tok, max_length = load_tokenizer(model_dir), _max_length(cfg, model_dir)
     adapters = read_source(Path(run_dir), which) if run_dir is not None else None
     if adapters is None:
         log.warning("no run folder given: generating with the base model (untrained adapters)")
@@ -69,8 +67,8 @@ def simulated(cfg: RunConfig, run_dir: str | Path | None, which: str = "federate
 
         model = centralized_model(cfg, model_dir, compute)
         if adapters is not None:
-            load_split([model], adapters)
-        return Session(LocalDecoder(model), tok, _max_length(cfg, model_dir))
+            load_trained(model, adapters)
+        return Session(LocalDecoder(model), tok, max_length)
     from ..federation import run_limits
 
     torch.manual_seed(cfg.train.seed)
@@ -81,10 +79,8 @@ def simulated(cfg: RunConfig, run_dir: str | Path | None, which: str = "federate
         if cfg.tee.enabled:
             raise ConfigError("silotune generate: a TEE-mode trunk's trained adapters stay in its enclave; "
                               "generate against the running deployment instead")
-        load_split([client.head, server.trunk, client.tail], adapters)
-    if not cfg.generate.use_cache or cfg.tee.enabled:
-        return Session(split_decoder(client, sealed=True), tok, _max_length(cfg, model_dir), client.transport.stats)
-    return Session(split_decoder(client), tok, _max_length(cfg, model_dir), client.transport.stats)
+        load_trained([client.head, server.trunk, client.tail], adapters)
+    return Session(split_decoder(client, _use_cache(cfg)), tok, max_length, client.transport.stats)
 
 
 def deployed(cfg: RunConfig, client_id: int, server: str | None = None) -> Session:
@@ -92,7 +88,7 @@ def deployed(cfg: RunConfig, client_id: int, server: str | None = None) -> Sessi
     from ..client.runtime import SplitClient
     from ..compute import Compute
     from ..deploy import connect_client
-    from ..export import Adapters, read_file, record_of
+    from ..export import Adapters, load_trained, read_file, record_of
     from ..federation import build_client_parts
 
     model_dir = resolve_model(cfg.model)
@@ -102,14 +98,13 @@ def deployed(cfg: RunConfig, client_id: int, server: str | None = None) -> Sessi
     mine = Path(cfg.output) / f"client-{client_id}" / "adapters.safetensors"
     if mine.is_file():
         tensors, metadata = read_file(mine)
-        load_split([head, tail], Adapters(tensors, record_of(mine, metadata, None), [mine]))
+        load_trained([head, tail], Adapters(tensors, record_of(mine, metadata, None), [mine]))
     else:
         log.warning("%s not found: generating with client %d's untrained head and tail", mine, client_id)
     transport = connect_client(cfg, client_id, server, model_dir, compute)
     client = SplitClient(client_id, head, tail, transport, cfg.optim, cfg.privacy, cfg.train.seed, compute)
-    sealed = cfg.tee.enabled or not cfg.generate.use_cache
-    return Session(split_decoder(client, sealed=sealed), tok, _max_length(cfg, model_dir), transport.stats,
+    return Session(split_decoder(client, _use_cache(cfg)), tok, _max_length(cfg, model_dir), transport.stats,
                    close=getattr(transport, "close", None))
 
 
-__all__ = ["Session", "simulated", "deployed", "load_split"]
+__all__ = ["Session", "simulated", "deployed"]
